@@ -1,0 +1,1 @@
+"""Torch-free core: units, geometry, errors, configs, atomic file I/O, run layout, manifests."""
