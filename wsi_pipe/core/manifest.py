@@ -165,3 +165,22 @@ def write_manifest(path: str | Path, entries: list[SlideEntry]) -> None:
         vals += [e.extra.get(k, "") for k in extra_cols]
         lines.append(",".join(vals))
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def save_slide_table(path: str | Path, entries: list[SlideEntry]) -> None:
+    """Write the run's slide table (JSON list of entries) atomically."""
+    from dataclasses import asdict
+
+    from wsi_pipe.core.fsutil import atomic_write_json
+
+    atomic_write_json(path, [asdict(e) for e in sorted(entries, key=lambda e: e.slide_id)])
+
+
+def load_slide_table(path: str | Path) -> list[SlideEntry]:
+    """Read the run's slide table written by `wsi-pipe tile` (RunLayout.slides_table)."""
+    from wsi_pipe.core.fsutil import read_json
+
+    p = Path(path)
+    if not p.exists():
+        raise EmptyInputError(f"{p} does not exist: run `wsi-pipe tile SLIDES --out {p.parent}` first")
+    return [SlideEntry(**d) for d in read_json(p)]

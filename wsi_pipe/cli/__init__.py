@@ -1,0 +1,1 @@
+"""Thin Typer command line: each command loads its config, applies overrides, calls a stage."""

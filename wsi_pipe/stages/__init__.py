@@ -1,0 +1,1 @@
+"""Stages: each reads slides / stores, writes artifacts atomically, and raises typed errors."""

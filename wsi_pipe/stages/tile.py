@@ -1,0 +1,247 @@
+"""`wsi-pipe tile`: segment tissue and tile each slide at one or more true mpps.
+
+Per slide:
+1. open it (OpenSlide or tiffslide), resolve level-0 mpp (metadata, manifest or override);
+2. read a low-resolution level and resample it to exactly `seg_mpp` um/px; segment tissue;
+3. for each target mpp (finest first) lay a grid anchored at (0, 0) with stride
+   (tile_px - overlap_px) * target_mpp / level0_mpp level-0 px, keep tiles whose tissue fraction
+   on the mask reaches `min_tissue_fraction`; a coarser grid also keeps every tile that is the
+   parent of a kept finer tile, so each fine tile has a parent (`parent_index`);
+4. write one coords store per grid, the tissue GeoJSON and a QC PNG, each atomically.
+
+Tiles start inside the slide; a tile that runs over the right/bottom edge is read padded with
+white and its tissue fraction counts the outside as background.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from wsi_pipe.core import geometry
+from wsi_pipe.core.config import TileConfig
+from wsi_pipe.core.errors import ConfigError
+from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_json
+from wsi_pipe.core.layout import RunLayout
+from wsi_pipe.core.manifest import SlideEntry
+from wsi_pipe.store import create_store, open_store, schema
+
+log = logging.getLogger(__name__)
+
+#: Smallest side (px) of the segmentation image; tiny slides are segmented at level 0 instead.
+_MIN_SEG_SIDE = 256
+
+
+def _seg_mpp_for(level0_mpp: float, dims_l0: tuple[int, int], seg_mpp: float) -> float:
+    """Effective segmentation mpp: `seg_mpp`, finer for small slides, never finer than level 0."""
+    longest_um = max(dims_l0) * level0_mpp
+    return max(level0_mpp, min(seg_mpp, longest_um / _MIN_SEG_SIDE))
+
+
+def _segmentation_image(reader: Any, seg_mpp: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB image of the slide at `seg_mpp` and its scale (sx, sy) = image px per level-0 px."""
+    w0, h0 = reader.dimensions
+    ds = seg_mpp / reader.mpp
+    level = reader.best_level_for_downsample(ds)
+    img = reader.read_level_image(level)
+    out_w = max(1, int(round(w0 / ds)))
+    out_h = max(1, int(round(h0 / ds)))
+    if img.shape[1] != out_w or img.shape[0] != out_h:
+        interp = cv2.INTER_AREA if img.shape[1] > out_w else cv2.INTER_LINEAR
+        img = cv2.resize(img, (out_w, out_h), interpolation=interp)
+    return img, (out_w / w0, out_h / h0)
+
+
+class _Grid:
+    """One target-mpp grid of one slide (all sizes in level-0 px unless suffixed)."""
+
+    def __init__(self, target_mpp: float, level0_mpp: float, cfg: TileConfig, dims_l0: tuple[int, int],
+                 reader: Any) -> None:
+        self.target_mpp = target_mpp
+        self.ds = target_mpp / level0_mpp
+        if self.ds < 1 - 1e-3:
+            raise ConfigError(
+                f"slide {reader.slide_id} is scanned at {level0_mpp:g} um/px, coarser than the target "
+                f"{target_mpp:g} um/px: drop that target mpp or give a finer scan"
+            )
+        self.tile_size_l0_exact = cfg.tile_px * self.ds
+        self.tile_size_l0 = max(1, int(round(self.tile_size_l0_exact)))
+        self.stride_l0 = (cfg.tile_px - cfg.overlap_px) * self.ds
+        self.read_level = reader.best_level_for_downsample(self.ds)
+        self.level_ds = float(reader.level_downsamples[self.read_level])
+        self.read_size_px = max(1, int(round(self.tile_size_l0_exact / self.level_ds)))
+        self.n_cols = len(geometry.grid_starts(dims_l0[0], self.stride_l0))
+        self.n_rows = len(geometry.grid_starts(dims_l0[1], self.stride_l0))
+        self.coords = np.zeros((0, 2), np.int64)
+        self.fractions = np.zeros(0, np.float32)
+        self.parents = np.zeros(0, np.int64)
+
+
+def tile_outputs(layout: RunLayout, slide_id: str, cfg: TileConfig) -> list[Path]:
+    """Final artifacts of one slide (all exist <=> the slide is done)."""
+    return [layout.coords_store(slide_id, m, cfg.store) for m in cfg.target_mpps] + [
+        layout.tissue_geojson(slide_id), layout.qc_png(slide_id)
+    ]
+
+
+def is_tiled(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> bool:
+    """True when every output exists and the stores were written with this config."""
+    outs = tile_outputs(layout, entry.slide_id, cfg)
+    if not all(p.exists() for p in outs):
+        return False
+    try:
+        with open_store(outs[0], validate=False) as r:
+            return r.attrs.get("config_hash") == cfg.config_hash()
+    except Exception:  # unreadable store: redo the slide
+        return False
+
+
+def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[str, Any]:
+    """Tile one slide; write its stores, GeoJSON and QC PNG. Returns counts and timings."""
+    from wsi_pipe.imageops.contours import box_fractions, to_geojson
+    from wsi_pipe.imageops.tissue import segment_tissue
+    from wsi_pipe.readers import open_slide
+
+    t_io = 0.0
+    t0 = time.perf_counter()
+    override = entry.mpp if entry.mpp is not None else cfg.mpp_override
+    with open_slide(entry.path, backend=cfg.backend, mpp_override=override, slide_id=entry.slide_id) as reader:
+        mpp = float(reader.mpp)
+        dims = tuple(int(v) for v in reader.dimensions)
+        seg_mpp = _seg_mpp_for(mpp, dims, cfg.segment.seg_mpp)
+        seg_img, scale = _segmentation_image(reader, seg_mpp)
+        t_io += time.perf_counter() - t0
+        tissue = segment_tissue(seg_img, seg_mpp, cfg.segment)
+        grids = [_Grid(m, mpp, cfg, dims, reader) for m in cfg.target_mpps]  # finest first
+        meta = {
+            "backend": reader.backend, "vendor": reader.vendor, "mpp_source": reader.mpp_source,
+            "level_dimensions": [tuple(map(int, d)) for d in reader.level_dimensions],
+            "objective_power": reader.objective_power,
+        }
+
+    # keep tiles by tissue fraction, finest grid first
+    for g in grids:
+        cand = geometry.grid_coords(dims[0], dims[1], g.stride_l0)
+        frac = box_fractions(tissue.mask, geometry.tile_boxes(cand, g.tile_size_l0_exact, scale))
+        keep = frac >= max(cfg.min_tissue_fraction, 1e-6)
+        g.coords, g.fractions = cand[keep], frac[keep].astype(np.float32)
+    # a coarse grid also keeps the parents of kept finer tiles
+    for fine, coarse in zip(grids[:-1], grids[1:]):
+        need = geometry.parent_keys_needed(fine.coords, fine.tile_size_l0_exact, coarse.stride_l0,
+                                           (coarse.n_cols, coarse.n_rows))
+        if len(need):
+            merged = np.unique(np.concatenate([coarse.coords, need]), axis=0)
+            frac = box_fractions(tissue.mask, geometry.tile_boxes(merged, coarse.tile_size_l0_exact, scale))
+            coarse.coords, coarse.fractions = merged, frac.astype(np.float32)
+    for g in grids:
+        order = geometry.sort_row_major(g.coords)
+        g.coords, g.fractions = g.coords[order], g.fractions[order]
+    for fine, coarse in zip(grids[:-1], grids[1:]):
+        fine.parents = geometry.parent_rows(fine.coords, fine.tile_size_l0_exact, coarse.coords,
+                                            coarse.stride_l0, (coarse.n_cols, coarse.n_rows))
+    grids[-1].parents = np.full(len(grids[-1].coords), -1, np.int64)
+
+    # write: stores, then GeoJSON, then the QC image (is_tiled needs all of them)
+    for i, g in enumerate(grids):
+        parent_mpp = grids[i + 1].target_mpp if i + 1 < len(grids) else -1.0
+        _write_coords_store(layout, entry, cfg, g, mpp, dims, meta, parent_mpp)
+    inv = (1.0 / scale[0] + 1.0 / scale[1]) / 2.0
+    geo = to_geojson(tissue.polygons, inv, entry.slide_id)
+    atomic_write_json(layout.tissue_geojson(entry.slide_id), geo)
+    qc = draw_qc(seg_img, tissue, grids[0].coords, grids[0].tile_size_l0_exact, scale, cfg.qc_max_px)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(qc, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode the QC image of {entry.slide_id}")
+    atomic_write_bytes(layout.qc_png(entry.slide_id), png.tobytes())
+
+    total = time.perf_counter() - t0
+    n_tiles = {f"{g.target_mpp:g}": int(len(g.coords)) for g in grids}
+    log.info("%s: %s tiles at mpp %s (%s, %.2f s)", entry.slide_id, n_tiles, mpp, meta["backend"], total)
+    return {
+        "tiles": n_tiles, "level0_mpp": mpp, "backend": meta["backend"], "seg_mpp": seg_mpp,
+        "tissue_px": int(tissue.mask.sum()), "seconds_io": round(t_io, 4),
+        "seconds_total": round(total, 4),
+    }
+
+
+def _write_coords_store(layout: RunLayout, entry: SlideEntry, cfg: TileConfig, g: _Grid, mpp: float,
+                        dims: tuple[int, ...], meta: dict[str, Any], parent_mpp: float) -> None:
+    level_dim = meta["level_dimensions"][g.read_level]
+    coords_attrs = schema.clam_coords_attrs(
+        slide_id=entry.slide_id, tile_px=cfg.tile_px, read_level=g.read_level,
+        level_downsample=g.level_ds, level_dim=level_dim, tile_size_level0=g.tile_size_l0,
+        level0_mpp=mpp, target_mpp=g.target_mpp, overlap_px=cfg.overlap_px,
+        level0_width=dims[0], level0_height=dims[1], objective_power=meta["objective_power"],
+    )
+    root = {
+        "kind": schema.KIND_COORDS, "slide_id": entry.slide_id, "slide_path": str(entry.path),
+        "backend": meta["backend"], "vendor": meta["vendor"] or "", "mpp_source": meta["mpp_source"],
+        "level0_mpp": mpp, "target_mpp": g.target_mpp, "tile_px": cfg.tile_px,
+        "overlap_px": cfg.overlap_px, "read_level": g.read_level, "read_size_px": g.read_size_px,
+        "read_downsample": g.level_ds, "tile_size_level0": g.tile_size_l0,
+        "tile_size_level0_exact": g.tile_size_l0_exact, "stride_level0": g.stride_l0,
+        "level0_width": dims[0], "level0_height": dims[1], "parent_mpp": parent_mpp,
+        "min_tissue_fraction": cfg.min_tissue_fraction, "config_hash": cfg.config_hash(),
+        "patient_id": entry.patient_id, "label": entry.label or "",
+    }
+    with create_store(layout.coords_store(entry.slide_id, g.target_mpp, cfg.store)) as w:
+        w.put(schema.COORDS, g.coords, coords_attrs)
+        w.put(schema.TISSUE_FRACTION, g.fractions)
+        w.put(schema.PARENT_INDEX, g.parents)
+        w.set_attrs(root)
+
+
+def draw_qc(seg_img: np.ndarray, tissue: Any, coords: np.ndarray, tile_size_l0: float,
+            scale: tuple[float, float], max_px: int) -> np.ndarray:
+    """Thumbnail (RGB uint8) with tissue contours (green), holes (blue), pen (magenta) and tiles (red)."""
+    f = min(1.0, max_px / max(seg_img.shape[:2]))
+    img = seg_img if f == 1.0 else cv2.resize(seg_img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+    img = np.ascontiguousarray(img.copy())
+    if tissue.pen_mask is not None and tissue.pen_mask.any():
+        pen = cv2.resize(tissue.pen_mask.astype(np.uint8), (img.shape[1], img.shape[0]),
+                         interpolation=cv2.INTER_NEAREST).astype(bool)
+        img[pen] = (0.5 * img[pen] + 0.5 * np.array([255, 0, 255])).astype(np.uint8)
+    thick = max(1, int(round(max(img.shape[:2]) / 600)))
+    for outer, holes in tissue.polygons:
+        cv2.polylines(img, [np.round(outer * f).astype(np.int32)], True, (0, 200, 0), thick)
+        for h in holes:
+            cv2.polylines(img, [np.round(h * f).astype(np.int32)], True, (0, 0, 255), thick)
+    sx, sy = scale[0] * f, scale[1] * f
+    for x, y in coords:
+        p0 = (int(math.floor(x * sx)), int(math.floor(y * sy)))
+        p1 = (int(math.floor((x + tile_size_l0) * sx)), int(math.floor((y + tile_size_l0) * sy)))
+        cv2.rectangle(img, p0, p1, (220, 0, 0), 1)
+    return img
+
+
+def run_tile(inputs: list[str], out: str | Path, cfg: TileConfig, *, workers: int = 1,
+             overwrite: bool = False, shard: tuple[int, int] | None = None,
+             progress: bool = True) -> Any:
+    """Tile every slide of `inputs` (folders, files or a manifest) into run folder `out`.
+
+    Saves the resolved config and the slide table, then runs `tile_slide` per slide through the
+    runner (resume, locks, state, failures recorded). Returns the runner's RunSummary.
+    """
+    from functools import partial
+
+    from wsi_pipe.core.config import dump_config
+    from wsi_pipe.core.fsutil import atomic_write_text
+    from wsi_pipe.core.manifest import discover, save_slide_table
+    from wsi_pipe.runner import run_slides
+
+    layout = RunLayout(out)
+    entries = discover(list(inputs))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(layout.config("tile"), dump_config(cfg))
+    save_slide_table(layout.slides_table, entries)
+    return run_slides(
+        "tile", entries, partial(tile_slide, cfg=cfg, layout=layout), layout,
+        is_done=partial(is_tiled, cfg=cfg, layout=layout), workers=workers, shard=shard,
+        overwrite=overwrite, progress=progress,
+    )
