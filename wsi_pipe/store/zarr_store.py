@@ -25,6 +25,13 @@ class _RowBuffer:
         self.n = 0
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise StoreSchemaError(f"{name!r} in {group.store} is a group, not an array")
+    return arr
+
+
 class ZarrWriter(StoreWriter):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -48,7 +55,7 @@ class ZarrWriter(StoreWriter):
             end = ((buf.start + n_write) // buf.chunk_rows) * buf.chunk_rows
             n_write = max(0, end - buf.start)
         if n_write:
-            self._g[name][buf.start : buf.start + n_write] = data[:n_write]
+            _array(self._g, name)[buf.start : buf.start + n_write] = data[:n_write]
         rest = data[n_write:]
         buf.start += n_write
         buf.blocks = [rest] if len(rest) else []
@@ -68,7 +75,7 @@ class ZarrWriter(StoreWriter):
         self._g.attrs.update({k: schema.as_attr(v) for k, v in attrs.items()})
 
     def set_array_attrs(self, name: str, attrs: dict[str, Any]) -> None:
-        self._g[name].attrs.update({k: schema.as_attr(v) for k, v in attrs.items()})
+        _array(self._g, name).attrs.update({k: schema.as_attr(v) for k, v in attrs.items()})
 
     def close(self) -> None:
         for name in self._buf:
@@ -92,13 +99,13 @@ class ZarrReader(StoreReader):
         return {k: schema.from_attr(v) for k, v in self._g.attrs.asdict().items()}
 
     def array_attrs(self, name: str) -> dict[str, Any]:
-        return {k: schema.from_attr(v) for k, v in self._g[name].attrs.asdict().items()}
+        return {k: schema.from_attr(v) for k, v in _array(self._g, name).attrs.asdict().items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._g[name].shape)
+        return tuple(_array(self._g, name).shape)
 
     def dtype(self, name: str) -> str:
-        return str(self._g[name].dtype)
+        return str(_array(self._g, name).dtype)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self._g[name][start:stop])
+        return np.asarray(_array(self._g, name)[start:stop])
