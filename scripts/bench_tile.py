@@ -19,7 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from wsi_pipe.imageops.contours import box_fractions
+from wsi_pipe.imageops.tissue import box_fractions
 
 from wsi_pipe.core import geometry
 from wsi_pipe.core.config import TileConfig

@@ -45,16 +45,21 @@ def print_summary(summary: RunSummary, extra_cols: dict[str, str] | None = None)
     for title in extra_cols:
         t.add_column(title, justify="right")
     t.add_column("seconds", justify="right")
-    t.add_column("reason", overflow="fold", max_width=70)
     colour = {"done": "green", "skipped": "cyan", "failed": "red", "busy": "yellow"}
     for r in summary.results:
         vals = []
         for key in extra_cols.values():
             v = r.info.get(key, "")
-            vals.append(", ".join(f"{k}:{x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+            if isinstance(v, dict):
+                vals.append(", ".join(f"{k}:{x}" for k, x in v.items()))
+            else:
+                vals.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         t.add_row(r.slide_id, f"[{colour.get(r.status, 'white')}]{r.status}[/]", *vals,
-                  f"{r.seconds:.2f}" if r.seconds else "", r.error or "")
+                  f"{r.seconds:.2f}" if r.seconds else "")
     console.print(t)
+    for r in summary.results:
+        if r.status == "failed":
+            console.print(f"[red]{r.slide_id}[/]: {r.error}", soft_wrap=True)
     console.print(
         f"{summary.count('done')} done, {summary.count('skipped')} skipped (already done), "
         f"{summary.count('failed')} failed, {summary.count('busy')} busy elsewhere "

@@ -35,7 +35,7 @@ from wsi_pipe.store import create_store, open_store, schema
 log = logging.getLogger(__name__)
 
 #: Smallest side (px) of the segmentation image; tiny slides are segmented at level 0 instead.
-_MIN_SEG_SIDE = 256
+_MIN_SEG_SIDE = 512
 
 
 def _seg_mpp_for(level0_mpp: float, dims_l0: tuple[int, int], seg_mpp: float) -> float:
@@ -104,7 +104,8 @@ def is_tiled(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> bool:
 
 def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[str, Any]:
     """Tile one slide; write its stores, GeoJSON and QC PNG. Returns counts and timings."""
-    from wsi_pipe.imageops.contours import box_fractions, to_geojson
+    from wsi_pipe.imageops.contours import to_geojson
+    from wsi_pipe.imageops.tissue import box_fractions
     from wsi_pipe.imageops.tissue import segment_tissue
     from wsi_pipe.readers import open_slide
 
@@ -119,6 +120,9 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
         t_io += time.perf_counter() - t0
         tissue = segment_tissue(seg_img, seg_mpp, cfg.segment)
         grids = [_Grid(m, mpp, cfg, dims, reader) for m in cfg.target_mpps]  # finest first
+        t1 = time.perf_counter()
+        qc_img = reader.get_thumbnail(min(cfg.qc_max_px, max(dims)))
+        t_io += time.perf_counter() - t1
         meta = {
             "backend": reader.backend, "vendor": reader.vendor, "mpp_source": reader.mpp_source,
             "level_dimensions": [tuple(map(int, d)) for d in reader.level_dimensions],
@@ -154,7 +158,7 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
     inv = (1.0 / scale[0] + 1.0 / scale[1]) / 2.0
     geo = to_geojson(tissue.polygons, inv, entry.slide_id)
     atomic_write_json(layout.tissue_geojson(entry.slide_id), geo)
-    qc = draw_qc(seg_img, tissue, grids[0].coords, grids[0].tile_size_l0_exact, scale, cfg.qc_max_px)
+    qc = draw_qc(qc_img, tissue, scale, grids[0].coords, grids[0].tile_size_l0_exact, dims)
     ok, png = cv2.imencode(".png", cv2.cvtColor(qc, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode the QC image of {entry.slide_id}")
@@ -197,25 +201,25 @@ def _write_coords_store(layout: RunLayout, entry: SlideEntry, cfg: TileConfig, g
         w.set_attrs(root)
 
 
-def draw_qc(seg_img: np.ndarray, tissue: Any, coords: np.ndarray, tile_size_l0: float,
-            scale: tuple[float, float], max_px: int) -> np.ndarray:
-    """Thumbnail (RGB uint8) with tissue contours (green), holes (blue), pen (magenta) and tiles (red)."""
-    f = min(1.0, max_px / max(seg_img.shape[:2]))
-    img = seg_img if f == 1.0 else cv2.resize(seg_img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
-    img = np.ascontiguousarray(img.copy())
+def draw_qc(thumb: np.ndarray, tissue: Any, seg_scale: tuple[float, float], coords: np.ndarray,
+            tile_size_l0: float, dims_l0: tuple[int, ...]) -> np.ndarray:
+    """QC image: thumbnail (RGB uint8) with tissue contours (green), holes (blue), pen (magenta)
+    and kept tiles (red). Polygons are in segmentation px (`seg_scale` = seg px per level-0 px)."""
+    img = np.ascontiguousarray(thumb[..., :3].copy())
+    tx, ty = img.shape[1] / dims_l0[0], img.shape[0] / dims_l0[1]  # thumb px per level-0 px
     if tissue.pen_mask is not None and tissue.pen_mask.any():
         pen = cv2.resize(tissue.pen_mask.astype(np.uint8), (img.shape[1], img.shape[0]),
                          interpolation=cv2.INTER_NEAREST).astype(bool)
         img[pen] = (0.5 * img[pen] + 0.5 * np.array([255, 0, 255])).astype(np.uint8)
     thick = max(1, int(round(max(img.shape[:2]) / 600)))
+    f = np.array([tx / seg_scale[0], ty / seg_scale[1]])
     for outer, holes in tissue.polygons:
         cv2.polylines(img, [np.round(outer * f).astype(np.int32)], True, (0, 200, 0), thick)
         for h in holes:
             cv2.polylines(img, [np.round(h * f).astype(np.int32)], True, (0, 0, 255), thick)
-    sx, sy = scale[0] * f, scale[1] * f
     for x, y in coords:
-        p0 = (int(math.floor(x * sx)), int(math.floor(y * sy)))
-        p1 = (int(math.floor((x + tile_size_l0) * sx)), int(math.floor((y + tile_size_l0) * sy)))
+        p0 = (int(math.floor(x * tx)), int(math.floor(y * ty)))
+        p1 = (int(math.floor((x + tile_size_l0) * tx)), int(math.floor((y + tile_size_l0) * ty)))
         cv2.rectangle(img, p0, p1, (220, 0, 0), 1)
     return img
 
