@@ -19,12 +19,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from wsi_pipe.imageops.tissue import box_fractions
 
 from wsi_pipe.core import geometry
 from wsi_pipe.core.config import TileConfig
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import discover
+from wsi_pipe.imageops.tissue import box_fractions
 from wsi_pipe.readers import open_slide
 from wsi_pipe.stages.tile import _seg_mpp_for, _segmentation_image, tile_slide
 from wsi_pipe.synth import DiscPainter, write_pyramidal_tiff

@@ -57,6 +57,11 @@ class SegmentConfig(FrozenModel):
     max_brightness: int = Field(
         235, ge=0, le=255, description="pixels brighter than this (HSV value, low sat) are background"
     )
+    max_otsu_saturation: int = Field(
+        30, ge=0, le=255,
+        description="ceiling of the Otsu threshold, so pale tissue survives beside dark tissue",
+    )
+    pen_dilate_um: float = Field(16.0, ge=0, description="grow detected pen ink by this (faint edges)")
 
 
 class TileConfig(FrozenModel):
@@ -142,6 +147,12 @@ class ExtractConfig(FrozenModel):
     store: StoreBackend = "h5"
     scan_backend: ScanBackend = "auto"
     clam_export: bool = Field(False, description="also write h5_files/ and pt_files/ like CLAM")
+    name: str | None = Field(
+        None, description="feature set name; None = checkpoint file stem or architecture name"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch threads of the main process; None = on CPU the cores the workers leave"
+    )
 
 
 # ---------------------------------------------------------------------------------- train-mil
@@ -167,10 +178,13 @@ class MilConfig(FrozenModel):
     mask_mass: float = Field(0.5, gt=0, lt=1, description="msm: attention mass masked per stage")
     n_layers: int = Field(2, ge=1, description="mamba: layers")
     tile_order: Literal["store", "hilbert", "circular_hilbert"] = "store"
+    reorder_stride: int = Field(10, ge=1, description="mamba: stride of the reordered second scan")
     scan_backend: ScanBackend = "auto"
     device: Device = "auto"
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs")
     seed: int = 0
+    standardize: bool = Field(False, description="standardise features on each training fold")
+    cache_gb: float = Field(4.0, ge=0, description="keep bags in memory when they fit in this")
 
 
 # --------------------------------------------------------------------------------------- run

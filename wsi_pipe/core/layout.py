@@ -126,3 +126,19 @@ class RunLayout:
     @property
     def slurm_dir(self) -> Path:
         return self.root / "slurm"
+
+    def slurm_script(self, stage: str, stamp: str) -> Path:
+        """A rendered sbatch script (kept, so a human can read and resubmit it)."""
+        return self.slurm_dir / f"{stage}-{stamp}.sbatch"
+
+    def slurm_log_pattern(self, stage: str, array: bool = True) -> Path:
+        """sbatch --output pattern: one log per array task (%A job, %a task) or per job (%j)."""
+        return self.slurm_dir / (f"{stage}-%A_%a.out" if array else f"{stage}-%j.out")
+
+    def slurm_job_record(self, job_id: str) -> Path:
+        """JSON record of one submitted job: stage, script, array size, dependency, time."""
+        return self.slurm_dir / "jobs" / f"{job_id}.json"
+
+    def slurm_stage_config(self, stage: str) -> Path:
+        """The stage config a Slurm job of `submit all` reads (its own resolved copy is config/)."""
+        return self.slurm_dir / f"{stage}.yaml"

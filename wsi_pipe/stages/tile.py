@@ -30,6 +30,9 @@ from wsi_pipe.core.errors import ConfigError
 from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_json
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry
+from wsi_pipe.imageops.contours import to_geojson
+from wsi_pipe.imageops.tissue import box_fractions, segment_tissue
+from wsi_pipe.readers import open_slide
 from wsi_pipe.store import create_store, open_store, schema
 
 log = logging.getLogger(__name__)
@@ -104,11 +107,6 @@ def is_tiled(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> bool:
 
 def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[str, Any]:
     """Tile one slide; write its stores, GeoJSON and QC PNG. Returns counts and timings."""
-    from wsi_pipe.imageops.contours import to_geojson
-    from wsi_pipe.imageops.tissue import box_fractions
-    from wsi_pipe.imageops.tissue import segment_tissue
-    from wsi_pipe.readers import open_slide
-
     t_io = 0.0
     t0 = time.perf_counter()
     override = entry.mpp if entry.mpp is not None else cfg.mpp_override
