@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
             if cfg_path is None:
                 fail("`submit all` needs --config RUN.yaml (a RunConfig, like configs/example.yaml)")
             cfg = run_guarded(load_run_config, cfg_path)
-            plan = run_guarded(slurm_plan, cfg, array_size=array_size)
+            plan = run_guarded(slurm_plan, cfg, array_size=array_size, cpus_per_task=cpus)
             layout = RunLayout(run_dir or cfg.out)
             specs = [
                 sl.JobSpec(p.stage, p.argv, p.array_size if p.array else None, max_parallel,
@@ -139,10 +139,12 @@ def register(app: typer.Typer) -> None:
             if stage not in known:
                 fail(f"unknown stage {stage!r}; submit one of: {', '.join(sorted(known))}, all")
             cfg_path = _option_value(args, "--config", "-c")
+            stage_cfg = None
             if cfg_path is not None and stage in _STAGE_CONFIG:
                 from wsi_pipe.core import config as cfgmod
 
-                run_guarded(cfgmod.load_config, getattr(cfgmod, _STAGE_CONFIG[stage]), cfg_path)
+                stage_cfg = run_guarded(cfgmod.load_config, getattr(cfgmod, _STAGE_CONFIG[stage]),
+                                        cfg_path)
             rd = run_dir or _guess_run_dir(args)
             if rd is None:
                 fail(f"cannot tell the run folder from `{stage} {' '.join(args)}`: give --run-dir")
@@ -155,6 +157,10 @@ def register(app: typer.Typer) -> None:
                     err_console.print(f"[yellow]note:[/] slide count unknown: {n} array tasks "
                                       "(set --array-size)")
             per_slide = stage in ("tile", "extract")
+            if (stage == "extract" and _option_value(args, "--threads") is None
+                    and getattr(stage_cfg, "threads", None) is None):
+                # torch threads = the CPUs of one task, not the node's cores (tasks share a node)
+                args += ["--threads", str(cpus or 1)]
             specs = [sl.JobSpec(stage, (stage, *args), max(1, n) if per_slide else None, max_parallel,
                                 res, tolerate_slide_failures=tolerate_failures)]
         if not slurm:

@@ -114,6 +114,12 @@ class PretrainConfig(FrozenModel):
     scan_backend: ScanBackend = "auto"
     seed: int = 0
     mpps: tuple[float, ...] | None = Field(None, description="which grids to sample; None = all")
+    mask_px: int | None = Field(
+        None, ge=1, description="side of a mask unit in px; None = input_px/8 capped at 32"
+    )
+    norm_pix_loss: bool = Field(True, description="targets normalised per mask unit (MAE)")
+    stain_jitter: float = Field(0.05, ge=0, le=0.5, description="HED stain jitter strength")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a share of lr")
 
 
 class FinetuneConfig(FrozenModel):

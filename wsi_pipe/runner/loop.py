@@ -90,6 +90,15 @@ def read_state(layout: RunLayout, stage: str, slide_id: str) -> dict[str, Any]:
         return {}
 
 
+def _record(layout: RunLayout, stage: str, sid: str, state: dict[str, Any]) -> None:
+    """Write the slide's state JSON; a full disk or write error is logged, never fatal, so one
+    slide's bookkeeping cannot stop the batch (the summary still carries the outcome)."""
+    try:
+        atomic_write_json(layout.state_file(stage, sid), state)
+    except OSError as e:
+        log.error("[%s] %s: could not record state %r: %s", stage, sid, state.get("status"), e)
+
+
 def _process_one(
     stage: str,
     item: HasSlideId,
@@ -115,7 +124,7 @@ def _process_one(
             "attempts": int(prev.get("attempts", 0)) + 1, "host": socket.gethostname(),
             "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"), "started": time.time(),
         }
-        atomic_write_json(layout.state_file(stage, sid), state)
+        _record(layout, stage, sid, state)
         t0 = time.perf_counter()
         try:
             info = process(item) or {}
@@ -125,11 +134,11 @@ def _process_one(
             log.error("[%s] %s failed: %s", stage, sid, msg)
             state.update(status=FAILED, error=msg, seconds=secs, finished=time.time(),
                          traceback=traceback.format_exc(limit=8))
-            atomic_write_json(layout.state_file(stage, sid), state)
+            _record(layout, stage, sid, state)
             return SlideResult(sid, FAILED, secs, error=msg)
         secs = time.perf_counter() - t0
         state.update(status=DONE, error=None, seconds=secs, finished=time.time(), info=info)
-        atomic_write_json(layout.state_file(stage, sid), state)
+        _record(layout, stage, sid, state)
         return SlideResult(sid, DONE, secs, info)
     finally:
         lock.release()

@@ -52,12 +52,10 @@ def _segmentation_image(reader: Any, seg_mpp: float) -> tuple[np.ndarray, tuple[
     w0, h0 = reader.dimensions
     ds = seg_mpp / reader.mpp
     level = reader.best_level_for_downsample(ds)
-    img = reader.read_level_image(level)
     out_w = max(1, int(round(w0 / ds)))
     out_h = max(1, int(round(h0 / ds)))
-    if img.shape[1] != out_w or img.shape[0] != out_h:
-        interp = cv2.INTER_AREA if img.shape[1] > out_w else cv2.INTER_LINEAR
-        img = cv2.resize(img, (out_w, out_h), interpolation=interp)
+    # read in blocks, resized as they come: a fine level of a big slide never sits in memory whole
+    img = reader.read_level_resized(level, (out_w, out_h))
     return img, (out_w / w0, out_h / h0)
 
 
