@@ -1,0 +1,406 @@
+"""Synthetic pyramidal slides with known tissue geometry (torch-free).
+
+`write_pyramidal_tiff` writes a tiled JPEG TIFF that both OpenSlide and tiffslide open (the recipe
+in ENVIRONMENT.md: BigTIFF, one top-level page per level, 256-px tiles, photometric RGB, resolution
+in px/cm, `subfiletype=1` on reduced levels; the Aperio flavour adds an ImageDescription on every
+page, a stripped thumbnail as page 1 and no reduced-image flag, as real SVS files). Tiles come from a generator, so memory stays roughly
+constant: a 50,000 x 50,000 slide is fine.
+
+Painters are resolution-independent functions of level-0 coordinates:
+
+    painter(x0_l0, y0_l0, w_lvl, h_lvl, downsample) -> uint8 (h_lvl, w_lvl, 3)
+
+Pixel (i, j) of the result covers level-0 x in [x0 + j * ds, x0 + (j + 1) * ds) (same for y), its
+centre is x0 + (j + 0.5) * ds. Every level of a slide is rendered by calling the painter at that
+level's downsample, so lower levels are the same picture, not a resampled level 0.
+
+`ShapePainter` (and the `DiscPainter` / `RectPainter` shortcuts) paints tissue inside known discs
+and rectangles (minus holes) on white; `ShapePainter.tissue_mask` gives the exact truth at any
+scale. Textures: `HETexture` (procedural pink/purple, H&E-like) and `IHCTexture` (real histology
+from `skimage.data.immunohistochemistry()`, variant "A" = the IHC image as is, variant "B" = the
+same tissue re-stained H&E-like by colour deconvolution and shown at 2x scale) for two-class demos.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import cv2
+import numpy as np
+
+from wsi_pipe.core.fsutil import atomic_path
+from wsi_pipe.core.units import magnification_label
+
+Painter = Callable[[float, float, int, int, float], np.ndarray]
+
+WHITE = (255, 255, 255)
+
+
+# ------------------------------------------------------------------------------------ shapes
+@dataclass(frozen=True)
+class Disc:
+    """A disc in level-0 px: centre (cx, cy), radius r."""
+
+    cx: float
+    cy: float
+    r: float
+
+    def sdf(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Signed distance (px, > 0 inside) at pixel centres `xs` (w,) x `ys` (h,) -> (h, w)."""
+        return self.r - np.hypot(xs[None, :] - self.cx, ys[:, None] - self.cy)
+
+    @property
+    def area_px(self) -> float:
+        return math.pi * self.r * self.r
+
+
+@dataclass(frozen=True)
+class Rect:
+    """An axis-aligned rectangle in level-0 px: [x0, x1) x [y0, y1)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def sdf(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Signed distance (px, > 0 inside; exact inside, approximate outside) -> (h, w)."""
+        dx = np.minimum(xs - self.x0, self.x1 - xs)  # (w,)
+        dy = np.minimum(ys - self.y0, self.y1 - ys)  # (h,)
+        return np.minimum(dx[None, :], dy[:, None])
+
+    @property
+    def area_px(self) -> float:
+        return (self.x1 - self.x0) * (self.y1 - self.y0)
+
+
+Shape = Disc | Rect
+
+
+def _union_sdf(shapes: Sequence[Shape], xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    out = np.full((ys.size, xs.size), -np.inf, np.float64)
+    for s in shapes:
+        np.maximum(out, s.sdf(xs, ys), out=out)
+    return out
+
+
+def _centres(x0: float, n: int, ds: float) -> np.ndarray:
+    return x0 + (np.arange(n, dtype=np.float64) + 0.5) * ds
+
+
+# ---------------------------------------------------------------------------------- textures
+class Texture(Protocol):
+    def __call__(self, xs: np.ndarray, ys: np.ndarray, ds: float) -> np.ndarray:
+        """Colour at level-0 pixel centres `xs` (w,), `ys` (h,) -> float32 (h, w, 3) in 0-255."""
+        ...
+
+
+def _hash2(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic uint32 hash of integer cell indices (broadcasting)."""
+    h = (ix.astype(np.int64) * 73856093) ^ (iy.astype(np.int64) * 19349663) ^ (seed * 83492791)
+    h = (h ^ (h >> 13)) * 1274126177
+    return (h ^ (h >> 16)) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class HETexture:
+    """Procedural H&E-like texture: pink stroma with purple 'nuclei' on a jittered grid.
+
+    A function of level-0 coordinates; detail finer than the pixel size fades to its mean, so
+    every pyramid level shows the same tissue. `cell_px` is the nucleus spacing in level-0 px.
+    """
+
+    seed: int = 0
+    cell_px: float = 24.0
+    nucleus_px: float = 5.0
+    pink: tuple[float, float, float] = (236.0, 168.0, 205.0)
+    purple: tuple[float, float, float] = (118.0, 70.0, 160.0)
+
+    def __call__(self, xs: np.ndarray, ys: np.ndarray, ds: float) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        # stroma: a few separable sinusoids, each damped when its period nears the pixel size
+        t = np.zeros((ys.size, xs.size), np.float32)
+        for period, amp in ((300.0, 0.10), (90.0, 0.08), (33.0, 0.06)):
+            theta, phase = rng.uniform(0, 2 * np.pi, 2)
+            k = 2 * np.pi / period
+            gain = amp * math.exp(-2.0 * (ds / period) ** 2)
+            ax = (k * math.cos(theta)) * xs
+            by = (k * math.sin(theta)) * ys + phase
+            t += gain * (np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax)))
+        # nuclei: one per grid cell at a hashed offset, anti-aliased by the pixel size
+        g, r = self.cell_px, self.nucleus_px
+        cx_idx, cy_idx = np.floor(xs / g), np.floor(ys / g)
+        h = _hash2(cx_idx[None, :], cy_idx[:, None], self.seed)
+        jx = r + (h & 0xFFFF) / 65535.0 * (g - 2 * r)
+        jy = r + (h >> 16) / 65535.0 * (g - 2 * r)
+        dx = xs[None, :] - (cx_idx[None, :] * g + jx)
+        dy = ys[:, None] - (cy_idx[:, None] * g + jy)
+        cover = np.clip((r - np.hypot(dx, dy)) / max(ds, 1.0) + 0.5, 0.0, 1.0)
+        mean_cover = math.pi * r * r / (g * g)
+        sharp = min(1.0, g / (2.0 * ds))  # cells smaller than 2 px blur into their mean
+        nuclei = sharp * cover + (1.0 - sharp) * mean_cover
+        mix = np.clip(0.18 + t + 0.75 * nuclei, 0.0, 1.0)[..., None]
+        pink = np.asarray(self.pink, np.float32)
+        purple = np.asarray(self.purple, np.float32)
+        return pink * (1.0 - mix) + purple * mix
+
+
+class IHCTexture:
+    """Real histology texture from `skimage.data.immunohistochemistry()` (512 x 512 RGB).
+
+    The image is mirrored into a seamless 1024 x 1024 tile repeated over the plane; `scale` is
+    level-0 px per texture px. Sampling uses a mip-map, so low levels average rather than alias.
+    variant "A": the IHC image (DAB brown + haematoxylin) at `scale`;
+    variant "B": the same tissue re-stained H&E-like (DAB -> eosin by colour deconvolution)
+    at 2 x `scale` -- a different stain and texture scale, for two-class MIL demos.
+    """
+
+    def __init__(self, variant: Literal["A", "B"] = "A", scale: float = 1.0) -> None:
+        from skimage import data
+
+        if variant not in ("A", "B"):
+            raise ValueError(f"IHCTexture variant must be 'A' or 'B', got {variant!r}")
+        img = data.immunohistochemistry()  # (512, 512, 3) uint8
+        if variant == "B":
+            img = _restain_he(img)
+            scale *= 2.0
+        self.variant = variant
+        self.scale = float(scale)
+        tile = np.concatenate([img, img[:, ::-1]], axis=1)
+        tile = np.concatenate([tile, tile[::-1]], axis=0)  # mirrored: seamless when repeated
+        self._mips = [tile.astype(np.float32)]
+        while self._mips[-1].shape[0] > 1:
+            m = self._mips[-1]
+            self._mips.append(
+                cv2.resize(m, (m.shape[1] // 2, m.shape[0] // 2), interpolation=cv2.INTER_AREA)
+            )
+
+    def __call__(self, xs: np.ndarray, ys: np.ndarray, ds: float) -> np.ndarray:
+        texels_per_px = ds / self.scale
+        m = int(np.clip(math.floor(math.log2(max(texels_per_px, 1.0))), 0, len(self._mips) - 1))
+        mip = self._mips[m]
+        n = mip.shape[0]
+        ix = (np.floor(xs / (self.scale * 2**m)).astype(np.int64)) % n
+        iy = (np.floor(ys / (self.scale * 2**m)).astype(np.int64)) % n
+        return mip[iy[:, None], ix[None, :]]
+
+
+def _restain_he(rgb: np.ndarray) -> np.ndarray:
+    """IHC (H + DAB) -> H&E-like: the DAB density becomes eosin, haematoxylin stays."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(rgb)
+    he = np.zeros_like(hed)
+    he[..., 0] = hed[..., 0] * 1.3
+    he[..., 1] = hed[..., 2] * 1.5 + 0.03  # eosin everywhere in tissue, more where DAB was
+    out = hed2rgb(he)
+    return np.clip(out * 255.0, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------- painters
+class ShapePainter:
+    """Tissue = union of `shapes` minus union of `holes`, filled with `texture`, on white.
+
+    `regions`: (shape, texture) pairs painted over the tissue inside their shape (e.g. a class-B
+    area inside class-A tissue); they never extend outside the tissue. All in level-0 px.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[Shape],
+        texture: Texture | None = None,
+        holes: Sequence[Shape] = (),
+        regions: Sequence[tuple[Shape, Texture]] = (),
+        background: tuple[int, int, int] = WHITE,
+    ) -> None:
+        self.shapes = list(shapes)
+        self.holes = list(holes)
+        self.texture: Texture = texture if texture is not None else HETexture()
+        self.regions = list(regions)
+        self.background = np.asarray(background, np.float32)
+
+    def sdf(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+        """Signed distance to the tissue boundary at pixel centres, level-0 px, (h, w)."""
+        xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
+        d = _union_sdf(self.shapes, xs, ys)
+        if self.holes:
+            d = np.minimum(d, -_union_sdf(self.holes, xs, ys))
+        return d
+
+    def tissue_mask(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+        """Exact truth: bool (h, w), True where the pixel centre lies in tissue."""
+        return self.sdf(x0, y0, w, h, ds) > 0
+
+    def region_mask(
+        self, index: int, x0: float, y0: float, w: int, h: int, ds: float
+    ) -> np.ndarray:
+        """bool (h, w): pixel centres in tissue AND in region `index`."""
+        xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
+        return (self.sdf(x0, y0, w, h, ds) > 0) & (self.regions[index][0].sdf(xs, ys) > 0)
+
+    def __call__(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+        xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
+        d = self.sdf(x0, y0, w, h, ds)
+        cover = np.clip(d / max(ds, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+        if not cover.any():
+            return np.full((h, w, 3), self.background.astype(np.uint8), np.uint8)
+        colour = np.asarray(self.texture(xs, ys, ds), np.float32)
+        for shape, tex in self.regions:
+            rc = np.clip(shape.sdf(xs, ys) / max(ds, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+            if rc.any():
+                colour = colour * (1 - rc[..., None]) + np.asarray(tex(xs, ys, ds)) * rc[..., None]
+        out = self.background * (1.0 - cover[..., None]) + colour * cover[..., None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def DiscPainter(  # noqa: N802 - a painter constructor, named like the class it returns
+    discs: Sequence[tuple[float, float, float]],
+    holes: Sequence[tuple[float, float, float]] = (),
+    texture: Texture | None = None,
+) -> ShapePainter:
+    """Tissue discs (cx, cy, r) minus hole discs, level-0 px, H&E-like texture by default."""
+    return ShapePainter([Disc(*d) for d in discs], texture, [Disc(*d) for d in holes])
+
+
+def RectPainter(  # noqa: N802
+    rects: Sequence[tuple[float, float, float, float]],
+    holes: Sequence[tuple[float, float, float, float]] = (),
+    texture: Texture | None = None,
+) -> ShapePainter:
+    """Tissue rectangles (x0, y0, x1, y1) minus hole rectangles, level-0 px."""
+    return ShapePainter([Rect(*r) for r in rects], texture, [Rect(*r) for r in holes])
+
+
+def TexturePainter(  # noqa: N802
+    shapes: Sequence[Shape],
+    variant: Literal["A", "B"] = "A",
+    scale: float = 1.0,
+    regions: Sequence[tuple[Shape, Literal["A", "B"]]] = (),
+) -> ShapePainter:
+    """Tissue in `shapes` with real IHC texture of `variant`; `regions` get another variant."""
+    textures: dict[str, IHCTexture] = {}
+
+    def tex(v: str) -> IHCTexture:
+        if v not in textures:
+            textures[v] = IHCTexture(v, scale)  # type: ignore[arg-type]
+        return textures[v]
+
+    return ShapePainter(shapes, tex(variant), regions=[(s, tex(v)) for s, v in regions])
+
+
+def blank_painter(x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+    """An empty (all white) slide."""
+    return np.full((h, w, 3), 255, np.uint8)
+
+
+# ------------------------------------------------------------------------------------ writer
+@dataclass(frozen=True)
+class SyntheticSlideInfo:
+    """What `write_pyramidal_tiff` wrote."""
+
+    path: Path
+    mpp: float
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]  # nominal (2 ** k); the file's are W0 / Wk
+    vendor: str
+
+
+def _tile_iter(
+    painter: Painter, w_lvl: int, h_lvl: int, ds: float, tile: int
+) -> Iterator[np.ndarray]:
+    for ty in range(0, h_lvl, tile):
+        for tx in range(0, w_lvl, tile):
+            tw, th = min(tile, w_lvl - tx), min(tile, h_lvl - ty)
+            region = np.asarray(painter(tx * ds, ty * ds, tw, th, ds))
+            if region.shape != (th, tw, 3) or region.dtype != np.uint8:
+                raise ValueError(
+                    f"painter returned {region.shape} {region.dtype}, expected ({th}, {tw}, 3) uint8"
+                )
+            if (th, tw) != (tile, tile):  # tiles are stored whole; pad the edge ones with white
+                full = np.full((tile, tile, 3), 255, np.uint8)
+                full[:th, :tw] = region
+                region = full
+            yield region
+
+
+def write_pyramidal_tiff(
+    path: str | Path,
+    width: int,
+    height: int,
+    mpp: float,
+    levels: int = 3,
+    tile: int = 256,
+    painter: Painter | None = None,
+    vendor: Literal["generic", "aperio"] = "generic",
+    jpeg_quality: int = 85,
+    thumbnail_px: int = 768,
+    maxworkers: int | None = 1,
+) -> SyntheticSlideInfo:
+    """Write a tiled JPEG pyramidal TIFF of `width` x `height` level-0 px at `mpp` um/px.
+
+    Level k is `width // 2**k` x `height // 2**k` px, rendered by `painter` at downsample 2**k.
+    vendor "generic": OpenSlide sees `generic-tiff`, mpp from the resolution tags.
+    vendor "aperio": Aperio ImageDescription on every page (AppMag from mpp, MPP) and a
+    stripped thumbnail as page 1; OpenSlide and tiffslide see vendor `aperio`.
+    The file appears atomically at `path`. Returns what was written.
+    """
+    import tifffile
+
+    if width < 1 or height < 1 or levels < 1:
+        raise ValueError(f"bad slide size {width}x{height} or levels {levels}")
+    if max(width, height) >> (levels - 1) < 1 or min(width, height) >> (levels - 1) < 1:
+        raise ValueError(f"{levels} levels is too many for a {width}x{height} slide")
+    if tile % 16:
+        raise ValueError(f"tile must be a multiple of 16, got {tile}")
+    if vendor not in ("generic", "aperio"):
+        raise ValueError(f"vendor must be 'generic' or 'aperio', got {vendor!r}")
+    painter = painter if painter is not None else blank_painter
+    path = Path(path)
+    dims = [(width >> k, height >> k) for k in range(levels)]
+    dss = [float(2**k) for k in range(levels)]
+    desc = None
+    if vendor == "aperio":
+        mag = magnification_label(mpp)
+        mag_s = f"{mag:g}"
+        desc = (
+            f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] "
+            f"({tile}x{tile}) JPEG/RGB Q={jpeg_quality}|AppMag = {mag_s}|MPP = {mpp:g}"
+        )
+    common = dict(
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": int(jpeg_quality)},
+        resolutionunit="CENTIMETER",
+        metadata=None,
+        maxworkers=maxworkers,
+    )
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        for k, ((w_lvl, h_lvl), ds) in enumerate(zip(dims, dss, strict=True)):
+            px_per_cm = 1e4 / (mpp * ds)
+            tw.write(
+                _tile_iter(painter, w_lvl, h_lvl, ds, tile),
+                shape=(h_lvl, w_lvl, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                resolution=(px_per_cm, px_per_cm),
+                # real SVS files (and tifffile's SVS parser) mark no level as reduced
+                subfiletype=1 if k > 0 and vendor == "generic" else 0,
+                description=desc,
+                **common,  # type: ignore[arg-type]
+            )
+            if k == 0 and vendor == "aperio":
+                t_ds = max(1.0, max(width, height) / float(thumbnail_px))
+                t_w, t_h = max(1, round(width / t_ds)), max(1, round(height / t_ds))
+                thumb = np.asarray(painter(0.0, 0.0, t_w, t_h, width / t_w))
+                tw.write(
+                    thumb,
+                    rowsperstrip=16,
+                    resolution=(1e4 / (mpp * width / t_w),) * 2,
+                    description=desc,
+                    **common,  # type: ignore[arg-type]
+                )
+    return SyntheticSlideInfo(path, float(mpp), dims, dss, vendor)
