@@ -14,9 +14,21 @@ from wsi_pipe.store.base import StoreReader, StoreWriter
 
 
 class H5Writer(StoreWriter):
+    """Builds the HDF5 file in memory (h5py's core driver) and writes its image with plain
+    Python I/O on close.
+
+    Why: when the disk fills up mid-write, libhdf5 cannot flush an on-disk file, cannot close it
+    either, and the process crashes at exit -- or a write error is swallowed and a damaged file
+    reaches its final name. Written this way, a full disk is an ordinary OSError from `write`,
+    and the caller's atomic rename never happens. The cost is holding one store in memory
+    (a 100,000 x 768 float32 feature store: 300 MB).
+    """
+
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._f = h5py.File(path, "w")
+        self._f = h5py.File(f"wsi-pipe-{id(self)}-{path.name}", "w", driver="core", backing_store=False)
+        # the temp path exists from the start (so a crash leaves a visible, cleanable temp file)
+        path.touch()
 
     def create_array(self, name: str, shape: tuple[int, ...], dtype: str | np.dtype,
                      chunks: tuple[int, ...] | None = None) -> None:
@@ -38,9 +50,16 @@ class H5Writer(StoreWriter):
             self._f[name].attrs[k] = schema.as_attr(v)
 
     def close(self) -> None:
-        if self._f.id.valid:
+        if not self._f.id.valid:
+            return
+        try:
             self._f.flush()
+            image = self._f.id.get_file_image()
+        finally:
             self._f.close()
+        with open(self.path, "wb") as fh:
+            fh.write(image)
+            fh.flush()
 
 
 class H5Reader(StoreReader):
