@@ -167,7 +167,7 @@ def register(app: typer.Typer) -> None:
             for spec in specs:
                 path = sl.write_script(spec, layout)
                 console.rule(str(path))
-                console.print(path.read_text(), markup=False, highlight=False)
+                typer.echo(path.read_text())
             console.print("not submitted: add --slurm to submit"
                           + (" (each stage waits for the one before, afterok)" if len(specs) > 1 else ""))
             return
@@ -241,10 +241,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(
-        out: Path = typer.Option(Path("wsi-pipe-demo"), "--out", "-o", help="demo folder"),
+        out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="demo folder"),
         slides: int = typer.Option(8, "--slides", "-n", min=4, help="synthetic slides (two classes)"),
         size_px: int = typer.Option(4096, "--size-px", min=1024, help="level-0 side of each slide"),
-        epochs: int = typer.Option(2, "--pretrain-epochs", min=1, help="pretraining epochs"),
+        epochs: int = typer.Option(3, "--pretrain-epochs", min=1, help="pretraining epochs"),
         workers: int = typer.Option(2, "--workers", "-w", help="slides tiled in parallel"),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:

@@ -117,7 +117,9 @@ class PretrainConfig(FrozenModel):
     mask_px: int | None = Field(
         None, ge=1, description="side of a mask unit in px; None = input_px/8 capped at 32"
     )
-    norm_pix_loss: bool = Field(True, description="targets normalised per mask unit (MAE)")
+    norm_pix_loss: bool = Field(
+        False, description="targets normalised again per mask unit (MAE norm_pix_loss)"
+    )
     stain_jitter: float = Field(0.05, ge=0, le=0.5, description="HED stain jitter strength")
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a share of lr")
 

@@ -118,6 +118,19 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def remove_tmp_siblings(final: str | Path) -> int:
+    """Remove temp siblings of `final` left by a killed writer. Call only while holding the
+    lock of the item that owns `final` (then no live writer can be using them). Returns count."""
+    final = Path(final)
+    if not final.parent.exists():
+        return 0
+    n = 0
+    for p in final.parent.glob(f".{final.name}{TMP_MARK}*"):
+        remove_path(p)
+        n += 1
+    return n
+
+
 def clean_stale_tmp(folder: Path, older_than_s: float = 3600.0) -> int:
     """Remove temp siblings left by killed writers (older than `older_than_s`). Returns count."""
     n = 0

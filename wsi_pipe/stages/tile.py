@@ -27,7 +27,7 @@ import numpy as np
 from wsi_pipe.core import geometry
 from wsi_pipe.core.config import TileConfig
 from wsi_pipe.core.errors import ConfigError
-from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_json
+from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_json, remove_tmp_siblings
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry
 from wsi_pipe.imageops.contours import to_geojson
@@ -105,6 +105,8 @@ def is_tiled(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> bool:
 
 def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[str, Any]:
     """Tile one slide; write its stores, GeoJSON and QC PNG. Returns counts and timings."""
+    for out in tile_outputs(layout, entry.slide_id, cfg):  # leftovers of a killed run (we hold the lock)
+        remove_tmp_siblings(out)
     t_io = 0.0
     t0 = time.perf_counter()
     override = entry.mpp if entry.mpp is not None else cfg.mpp_override
