@@ -339,10 +339,12 @@ def write_pyramidal_tiff(
     jpeg_quality: int = 85,
     thumbnail_px: int = 768,
     maxworkers: int | None = 1,
+    level_step: int = 2,
 ) -> SyntheticSlideInfo:
     """Write a tiled JPEG pyramidal TIFF of `width` x `height` level-0 px at `mpp` um/px.
 
-    Level k is `width // 2**k` x `height // 2**k` px, rendered by `painter` at downsample 2**k.
+    Level k is `width // s**k` x `height // s**k` px (s = `level_step`, 2 by default; scanners
+    often use 4), rendered by `painter` at downsample s**k.
     vendor "generic": OpenSlide sees `generic-tiff`, mpp from the resolution tags.
     vendor "aperio": Aperio ImageDescription on every page (AppMag from mpp, MPP) and a
     stripped thumbnail as page 1; OpenSlide and tiffslide see vendor `aperio`.
@@ -352,7 +354,9 @@ def write_pyramidal_tiff(
 
     if width < 1 or height < 1 or levels < 1:
         raise ValueError(f"bad slide size {width}x{height} or levels {levels}")
-    if max(width, height) >> (levels - 1) < 1 or min(width, height) >> (levels - 1) < 1:
+    if level_step < 2:
+        raise ValueError(f"level_step must be >= 2, got {level_step}")
+    if min(width, height) // level_step ** (levels - 1) < 1:
         raise ValueError(f"{levels} levels is too many for a {width}x{height} slide")
     if tile % 16:
         raise ValueError(f"tile must be a multiple of 16, got {tile}")
@@ -360,8 +364,8 @@ def write_pyramidal_tiff(
         raise ValueError(f"vendor must be 'generic' or 'aperio', got {vendor!r}")
     painter = painter if painter is not None else blank_painter
     path = Path(path)
-    dims = [(width >> k, height >> k) for k in range(levels)]
-    dss = [float(2**k) for k in range(levels)]
+    dims = [(width // level_step**k, height // level_step**k) for k in range(levels)]
+    dss = [float(level_step**k) for k in range(levels)]
     desc = None
     if vendor == "aperio":
         mag = magnification_label(mpp)
