@@ -118,9 +118,14 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
         t_io += time.perf_counter() - t0
         tissue = segment_tissue(seg_img, seg_mpp, cfg.segment)
         grids = [_Grid(m, mpp, cfg, dims, reader) for m in cfg.target_mpps]  # finest first
-        t1 = time.perf_counter()
-        qc_img = reader.get_thumbnail(min(cfg.qc_max_px, max(dims)))
-        t_io += time.perf_counter() - t1
+        qc_px = min(cfg.qc_max_px, max(dims))
+        if max(seg_img.shape[:2]) >= 0.75 * qc_px:  # big enough: no second read for the QC image
+            f = min(1.0, qc_px / max(seg_img.shape[:2]))
+            qc_img = seg_img if f == 1.0 else cv2.resize(seg_img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+        else:
+            t1 = time.perf_counter()
+            qc_img = reader.get_thumbnail(qc_px)
+            t_io += time.perf_counter() - t1
         meta = {
             "backend": reader.backend, "vendor": reader.vendor, "mpp_source": reader.mpp_source,
             "level_dimensions": [tuple(map(int, d)) for d in reader.level_dimensions],
