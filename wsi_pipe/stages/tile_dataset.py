@@ -1,0 +1,154 @@
+"""Tiles of one slide at stored coordinates, as a torch Dataset for a multi-worker DataLoader.
+
+Each DataLoader worker opens its own slide handle lazily (OpenSlide and tiffslide handles must
+not cross a fork), reads the region at the stored read level, and resizes it once, straight from
+the read size to the encoder's input size. Items are uint8 so that workers ship 1 byte per
+channel to the main process (and over PCIe); normalisation runs on the device, batched.
+
+A tile is the region `read_size_px` x `read_size_px` at `read_level` whose top-left corner is the
+stored level-0 `(x, y)`, resized to `out_px` x `out_px` (`INTER_AREA` when shrinking, `INTER_LINEAR`
+when enlarging; no resize when the sizes match).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from wsi_pipe.core.errors import SlideReadError
+
+log = logging.getLogger(__name__)
+
+
+def resize_tile(region: np.ndarray, out_px: int) -> np.ndarray:
+    """Resize an RGB region (h, w, 3) uint8 to (out_px, out_px, 3) uint8 (see module doc)."""
+    h, w = region.shape[:2]
+    if h == out_px and w == out_px:
+        return region
+    interp = cv2.INTER_AREA if max(h, w) > out_px else cv2.INTER_LINEAR
+    return cv2.resize(region, (out_px, out_px), interpolation=interp)
+
+
+@dataclass(frozen=True)
+class TileSource:
+    """Where and how to read the tiles of one slide at one grid.
+
+    coords: (n_tiles, 2) int64, level-0 px, (x, y) top-left. read_size_px: side at read_level.
+    out_px: side of the returned tiles. mpp_override: level-0 um/px the coords were made with.
+    """
+
+    slide_id: str
+    slide_path: str
+    backend: str
+    read_level: int
+    read_size_px: int
+    out_px: int
+    coords: np.ndarray
+    mpp_override: float | None = None
+
+
+class TileDataset(Dataset):
+    """`ds[i] -> (tile (3, out_px, out_px) uint8, i)`: the tile at row i of the coords store.
+
+    The returned CHW tensor is a view of a contiguous HWC array; `collate_tiles` stacks a batch
+    into a (B, 3, H, W) tensor in channels-last memory without another copy.
+    """
+
+    def __init__(self, source: TileSource) -> None:
+        self.source = source
+        self._reader: Any = None
+        self._reader_pid: int | None = None
+
+    def __len__(self) -> int:
+        return int(len(self.source.coords))
+
+    def _slide(self) -> Any:
+        # reopen after a fork: a handle inherited from another process shares file offsets
+        if self._reader is None or self._reader_pid != os.getpid():
+            from wsi_pipe.readers import open_slide
+
+            s = self.source
+            try:
+                self._reader = open_slide(s.slide_path, backend=s.backend, mpp_override=s.mpp_override,
+                                          slide_id=s.slide_id)
+            except SlideReadError:
+                raise
+            except Exception as e:
+                raise SlideReadError(
+                    f"slide {s.slide_id}: cannot open {s.slide_path} ({type(e).__name__}: {e}); "
+                    "check the file is intact and readable, or re-run `wsi-pipe tile` on it"
+                ) from None
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def read_tile(self, i: int) -> np.ndarray:
+        """Tile at row `i`: (out_px, out_px, 3) uint8 RGB."""
+        s = self.source
+        x, y = (int(v) for v in s.coords[i])
+        try:
+            region = self._slide().read_region((x, y), s.read_level, (s.read_size_px, s.read_size_px))
+        except SlideReadError:
+            raise
+        except Exception as e:
+            raise SlideReadError(
+                f"slide {s.slide_id}: reading tile {i} at level-0 ({x}, {y}), level {s.read_level} "
+                f"of {s.slide_path} failed ({type(e).__name__}: {e}); the file may be truncated or "
+                "corrupt: restore it and re-run"
+            ) from None
+        return np.ascontiguousarray(resize_tile(np.asarray(region)[..., :3], s.out_px))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.read_tile(i)).permute(2, 0, 1), int(i)
+
+    def close(self) -> None:
+        if self._reader is not None and self._reader_pid == os.getpid():
+            self._reader.close()
+        self._reader = None
+        self._reader_pid = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # never pickle a handle (spawned workers open their own)
+        return {"source": self.source, "_reader": None, "_reader_pid": None}
+
+
+def collate_tiles(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack items into (tiles (B, 3, H, W) uint8 channels-last, rows (B,) int64).
+
+    Uses `default_collate` on the HWC arrays, so inside a worker the batch is written once,
+    straight into shared memory.
+    """
+    tiles = default_collate([t.permute(1, 2, 0) for t, _ in batch])  # (B, H, W, 3) contiguous
+    rows = torch.as_tensor([r for _, r in batch], dtype=torch.int64)
+    return tiles.permute(0, 3, 1, 2), rows
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker setup: one compute thread per worker (decoding is the parallelism).
+
+    Workers come from `worker_context()`, a clean forkserver, so OpenCV's thread pool was never
+    started in their parent and can be reconfigured safely.
+    """
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def worker_context() -> mp.context.BaseContext:
+    """Multiprocessing context of DataLoader workers: a forkserver that has imported this module.
+
+    Plain fork copies the caller's state: a live OpenCV or OpenMP thread pool (any earlier cv2
+    call, e.g. the tile stage in the same process) deadlocks the child, and zarr/fsspec event-loop
+    threads do not survive a fork. Spawn is safe but imports torch in every worker of every slide.
+    A forkserver is started once per process, clean, with torch, cv2 and the readers imported, so
+    each worker is a fast fork of a process that never ran a thread pool.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["wsi_pipe.stages.extract", "wsi_pipe.readers"])
+    return ctx
