@@ -25,6 +25,7 @@ import math
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_pipe.core.config import PretrainConfig
 from wsi_pipe.core.errors import CheckpointError, ConfigError, EmptyInputError
@@ -45,7 +46,7 @@ from wsi_pipe.store import open_store, schema
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -207,6 +208,29 @@ def default_mask_px(input_px: int, patch: int) -> int:
     return max(patch, m - m % patch)
 
 
+class PassSampler(Sampler[int]):
+    """Sample order as an endless stream of seeded permutations ("passes") of the dataset.
+
+    Pass p is `randperm(n)` from a generator seeded with (seed, p), so the order of every step
+    is a pure function of the step number: a run resumed at step s reads exactly the tiles an
+    uninterrupted run reads from step s on (`start_pass(p, offset)` skips what was consumed).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self.pass_index, self.offset = 0, 0
+
+    def start_pass(self, pass_index: int, offset: int) -> None:
+        self.pass_index, self.offset = pass_index, offset
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.pass_index)
+        return iter(torch.randperm(self.n, generator=g)[self.offset :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.offset
+
+
 def _save_state(path: Path, obj: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -259,23 +283,26 @@ def pretrain(
     tiles = sample_tiles(run_dir, cfg, cfg.input_px)
     dataset = PretrainTiles(tiles)
     batch_size = min(cfg.batch_size, len(dataset))
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = PassSampler(len(dataset), cfg.seed)
+    batches_per_pass = len(dataset) // batch_size
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=sampler,
+        # its own generator: each new loader iterator draws a worker base seed, which must not
+        # come from the global RNG that DropPath uses (a resumed run would drift from the original)
+        generator=torch.Generator().manual_seed(cfg.seed + 3),
         drop_last=True,
         num_workers=cfg.workers,
         collate_fn=collate_tiles,
         worker_init_fn=worker_init if cfg.workers > 0 else None,
         persistent_workers=cfg.workers > 0,
         pin_memory=device.type == "cuda",
-        generator=loader_gen,
         # spawn, not fork: a fork after OpenCV/OpenMP thread pools were used in this process
         # (e.g. tiling earlier in the same process) can deadlock the worker in cv2 calls
         multiprocessing_context="spawn" if cfg.workers > 0 else None,
     )
-    steps_per_epoch = cfg.steps_per_epoch or len(loader)
+    steps_per_epoch = cfg.steps_per_epoch or batches_per_pass
     total_steps = cfg.epochs * steps_per_epoch
 
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -310,7 +337,6 @@ def pretrain(
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
-        loader_gen.set_state(st["loader_rng"])
         aug_gen.set_state(st["aug_rng"])
         mask_gen.set_state(st["mask_rng"])
         torch.set_rng_state(st["torch_rng"])
@@ -331,7 +357,6 @@ def pretrain(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
-                "loader_rng": loader_gen.get_state(),
                 "aug_rng": aug_gen.get_state(),
                 "mask_rng": mask_gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
@@ -353,6 +378,8 @@ def pretrain(
     model.train()
     try:
         while step < total_steps:
+            pass_index, in_pass = divmod(step, batches_per_pass)
+            sampler.start_pass(pass_index, in_pass * batch_size)
             for tiles_u8, _ in loader:
                 if step >= total_steps:
                     break
