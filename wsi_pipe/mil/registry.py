@@ -1,0 +1,130 @@
+"""Aggregator registry: `@register_aggregator`, `create_aggregator`, `list_aggregators`.
+
+Every aggregator maps one bag `(n_tiles, in_dim)` to `MilOutput(logits (n_classes,), attention
+(n_tiles,))`. Each family registers a spec with a tiny variant (keyword arguments small enough for
+contract tests that loop over the registry: forward, backward, save, load).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from torch import nn
+
+from wsi_pipe.core.errors import ConfigError
+
+
+class MilOutput(NamedTuple):
+    """Output of an aggregator for one bag.
+
+    logits: (n_classes,) float, unnormalised class scores.
+    attention: (n_tiles,) float >= 0 summing to 1, in the order of the input rows: how much each
+        tile contributes to the bag prediction (attention weights, or the family's equivalent).
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor
+
+
+class Aggregator(nn.Module):
+    """Base class: `forward(x: (n_tiles, in_dim), coords: (n_tiles, 2) int64 level-0 px | None)`.
+
+    Subclasses store their constructor arguments in `self.init_kwargs` (JSON-able) so a
+    checkpoint can rebuild them with `create_aggregator(name, in_dim, n_classes, **init_kwargs)`.
+    """
+
+    name: str = ""
+
+    def __init__(self, in_dim: int, n_classes: int) -> None:
+        super().__init__()
+        if in_dim < 1 or n_classes < 2:
+            raise ConfigError(f"aggregator needs in_dim >= 1 and n_classes >= 2, got {in_dim}, {n_classes}")
+        self.in_dim = int(in_dim)
+        self.n_classes = int(n_classes)
+        self.init_kwargs: dict[str, Any] = {}
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def check_bag(x: torch.Tensor, in_dim: int) -> None:
+        if x.ndim != 2 or x.shape[1] != in_dim:
+            raise ValueError(f"a bag must be (n_tiles, {in_dim}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("a bag must hold at least one tile")
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """What the registry knows of one family."""
+
+    name: str
+    cls: type[Aggregator]
+    description: str
+    tiny: dict[str, Any] = field(default_factory=dict)
+    permutation_invariant: bool = False
+    uses_coords: bool = False
+
+
+_REGISTRY: dict[str, AggregatorSpec] = {}
+
+A = TypeVar("A", bound=type[Aggregator])
+
+
+def register_aggregator(
+    name: str,
+    *,
+    description: str = "",
+    tiny: dict[str, Any] | None = None,
+    permutation_invariant: bool = False,
+    uses_coords: bool = False,
+) -> Callable[[A], A]:
+    """Class decorator adding an aggregator family to the registry (a duplicate name raises)."""
+
+    def deco(cls: A) -> A:
+        if name in _REGISTRY:
+            raise ValueError(f"aggregator {name!r} is already registered ({_REGISTRY[name].cls})")
+        cls.name = name
+        _REGISTRY[name] = AggregatorSpec(
+            name, cls, description or (cls.__doc__ or "").strip().split("\n")[0], dict(tiny or {}),
+            permutation_invariant, uses_coords,
+        )
+        return cls
+
+    return deco
+
+
+def list_aggregators() -> list[str]:
+    """Names of the registered aggregator families, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> AggregatorSpec:
+    """The spec of a registered family; ConfigError naming the known ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown MIL method {name!r}; known: {', '.join(list_aggregators())}"
+        ) from None
+
+
+def create_aggregator(name: str, in_dim: int, n_classes: int, **kw: Any) -> Aggregator:
+    """Build aggregator `name` for bags of `in_dim` features and `n_classes` classes.
+
+    Keyword arguments are the family's options (e.g. `hidden_dim`, `dropout`); unknown ones raise
+    ConfigError naming them.
+    """
+    spec = get_spec(name)
+    params = inspect.signature(spec.cls.__init__).parameters
+    accepted = {p for p in params if p not in ("self", "in_dim", "n_classes")}
+    unknown = sorted(set(kw) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"MIL method {name!r} has no option(s) {unknown}; it accepts {sorted(accepted)}"
+        )
+    return spec.cls(in_dim, n_classes, **kw)

@@ -1,0 +1,185 @@
+"""`wsi-pipe heatmap`: a trained MIL model's attention drawn over the slide thumbnail, plus the
+top-k attended tiles as images.
+
+Outputs under `RunLayout(run).heatmap_dir(name)` (name = the model folder's name):
+
+    <slide>.png               thumbnail with the attention colour map blended over the tiles
+    <slide>_attention.csv     x, y (level-0 px), attention, rank of every tile
+    <slide>_top/rank<r>_x<x>_y<y>.png   the k most attended tiles, read from the slide
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from wsi_pipe.core.errors import ConfigError, EmptyInputError
+from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_text
+from wsi_pipe.core.layout import RunLayout
+from wsi_pipe.core.manifest import SlideEntry, load_slide_table
+from wsi_pipe.mil.data import bags_from_entries
+
+log = logging.getLogger(__name__)
+
+
+def rank_normalise(scores: np.ndarray) -> np.ndarray:
+    """Scores (n,) -> their percentile ranks in [0, 1] (ties share a rank; one tile -> 1)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) <= 1:
+        return np.ones_like(s)
+    _, inv = np.unique(s, return_inverse=True)
+    return inv / max(1, inv.max())
+
+
+def infer_tile_size_l0(coords_l0: np.ndarray) -> int:
+    """Grid stride of the tiles in level-0 px (when the store does not give the tile size)."""
+    rel = np.asarray(coords_l0, dtype=np.int64) - np.asarray(coords_l0, dtype=np.int64).min(0)
+    nz = np.unique(rel[rel > 0])
+    return int(np.gcd.reduce(nz)) if len(nz) else 256
+
+
+def render_heatmap(
+    thumb: np.ndarray,
+    coords_l0: np.ndarray,
+    tile_size_l0: float,
+    scores: np.ndarray,
+    dims_l0: tuple[int, int],
+    alpha: float = 0.5,
+    colormap: int = cv2.COLORMAP_JET,
+    scale: str = "rank",
+) -> np.ndarray:
+    """Blend a colour map of per-tile `scores` over a slide thumbnail.
+
+    thumb: (h, w, 3) uint8 RGB of the whole slide; coords_l0: (n, 2) int level-0 px top-left of
+    each tile; tile_size_l0: tile side in level-0 px; scores: (n,); dims_l0: level-0 (w, h).
+    scale: "rank" (percentiles, spreads the colours) or "minmax". Overlapping tiles average.
+    Returns (h, w, 3) uint8 RGB; pixels under no tile keep the thumbnail.
+    """
+    h, w = thumb.shape[:2]
+    sx, sy = w / float(dims_l0[0]), h / float(dims_l0[1])
+    s = np.asarray(scores, dtype=np.float64)
+    if scale == "rank":
+        v = rank_normalise(s)
+    elif scale == "minmax":
+        span = s.max() - s.min() if len(s) else 0.0
+        v = (s - s.min()) / span if span > 0 else np.ones_like(s)
+    else:
+        raise ValueError(f"scale must be 'rank' or 'minmax', got {scale!r}")
+    acc = np.zeros((h, w), np.float64)
+    cnt = np.zeros((h, w), np.float64)
+    c = np.asarray(coords_l0, dtype=np.float64)
+    x0 = np.clip(np.floor(c[:, 0] * sx).astype(int), 0, w)
+    y0 = np.clip(np.floor(c[:, 1] * sy).astype(int), 0, h)
+    x1 = np.clip(np.maximum(np.ceil((c[:, 0] + tile_size_l0) * sx).astype(int), x0 + 1), 0, w)
+    y1 = np.clip(np.maximum(np.ceil((c[:, 1] + tile_size_l0) * sy).astype(int), y0 + 1), 0, h)
+    for i in range(len(v)):
+        acc[y0[i]:y1[i], x0[i]:x1[i]] += v[i]
+        cnt[y0[i]:y1[i], x0[i]:x1[i]] += 1
+    covered = cnt > 0
+    level = np.zeros((h, w), np.uint8)
+    level[covered] = np.round(255 * acc[covered] / cnt[covered]).astype(np.uint8)
+    colour = cv2.cvtColor(cv2.applyColorMap(level, colormap), cv2.COLOR_BGR2RGB)
+    out = thumb.copy()
+    blend = (1 - alpha) * thumb[covered].astype(np.float64) + alpha * colour[covered].astype(np.float64)
+    out[covered] = np.clip(np.round(blend), 0, 255).astype(np.uint8)
+    return out
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 image."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _slide_path(layout: RunLayout, slide_id: str, store_path_attr: str | None,
+                override: str | None) -> tuple[str, float | None, str]:
+    if override:
+        return override, None, "auto"
+    if layout.slides_table.exists():
+        for e in load_slide_table(layout.slides_table):
+            if e.slide_id == slide_id and e.path:
+                return e.path, e.mpp, "auto"
+    if store_path_attr:
+        return store_path_attr, None, "auto"
+    raise ConfigError(f"slide {slide_id}: its file is not in {layout.slides_table} nor in the feature "
+                      "store; pass --slide-path")
+
+
+@dataclass(frozen=True)
+class HeatmapResult:
+    """Files written for one slide and the ensemble's prediction."""
+
+    png: Path
+    attention_csv: Path
+    top_tiles: list[Path]
+    probabilities: dict[str, float]
+
+
+def heatmap(
+    run_dir: str | Path,
+    model_dir: str | Path,
+    slide_id: str,
+    top_k: int = 8,
+    max_px: int = 2048,
+    alpha: float = 0.5,
+    tile_out_px: int = 256,
+    slide_path: str | None = None,
+    device: str = "auto",
+) -> HeatmapResult:
+    """Attention heatmap (PNG) and the `top_k` most attended tiles of one slide of `run_dir`,
+    with the fold models of `model_dir` averaged. Tiles are saved at most `tile_out_px` wide."""
+    from wsi_pipe.mil.train import resolve_device
+    from wsi_pipe.readers import open_slide
+    from wsi_pipe.stages.train_mil import ensemble_predict, load_trained
+
+    layout = RunLayout(run_dir)
+    dev = resolve_device(device)
+    trained = load_trained(model_dir, dev)
+    info = trained.info
+    bags, _ = bags_from_entries(layout, [SlideEntry(slide_id, "", slide_id)], info["feature_set"],
+                                float(info["mpp"]), classes=trained.classes, require_labels=False)
+    bag = bags[0]
+    feats, coords = bag.load()
+    if coords is None or len(coords) == 0:
+        raise EmptyInputError(f"slide {slide_id} has no tiles to draw")
+    prob, atts = ensemble_predict(trained, bags, dev, with_attention=True)
+    att = atts[0]
+    path, mpp_override, backend = _slide_path(layout, slide_id, bag.slide_path, slide_path)
+    tile_l0 = float(bag.tile_size_l0 or infer_tile_size_l0(coords))
+    name = Path(model_dir).name
+    out_dir = layout.heatmap_dir(name)
+    order = np.argsort(-att, kind="stable")
+    rank = np.empty(len(att), dtype=np.int64)
+    rank[order] = np.arange(1, len(att) + 1)
+    lines = ["x,y,attention,rank"] + [
+        f"{int(x)},{int(y)},{a:.8g},{r}" for (x, y), a, r in zip(coords, att, rank, strict=True)
+    ]
+    csv_path = out_dir / f"{slide_id}_attention.csv"
+    atomic_write_text(csv_path, "\n".join(lines) + "\n")
+    tiles: list[Path] = []
+    with open_slide(path, backend=backend, mpp_override=mpp_override, slide_id=slide_id) as reader:
+        thumb = reader.get_thumbnail(max_px)
+        img = render_heatmap(thumb, coords, tile_l0, att, reader.dimensions, alpha)
+        png = out_dir / f"{slide_id}.png"
+        atomic_write_bytes(png, encode_png(img))
+        ds = max(1.0, tile_l0 / tile_out_px)
+        level = reader.best_level_for_downsample(ds)
+        lvl_ds = reader.level_downsamples[level]
+        size_lvl = max(1, int(round(tile_l0 / lvl_ds)))
+        for r, i in enumerate(order[: max(0, top_k)], start=1):
+            x, y = int(coords[i, 0]), int(coords[i, 1])
+            tile = reader.read_region((x, y), level, (size_lvl, size_lvl))
+            if tile.shape[0] > tile_out_px:
+                tile = cv2.resize(tile, (tile_out_px, tile_out_px), interpolation=cv2.INTER_AREA)
+            p = out_dir / f"{slide_id}_top" / f"rank{r:02d}_x{x}_y{y}.png"
+            atomic_write_bytes(p, encode_png(tile))
+            tiles.append(p)
+    probs = {c: float(v) for c, v in zip(trained.classes, prob[0], strict=True)}
+    log.info("heatmap %s: %d tiles, prediction %s -> %s", slide_id, len(att), probs, png)
+    return HeatmapResult(png, csv_path, tiles, probs)
