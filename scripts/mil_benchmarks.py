@@ -63,8 +63,9 @@ def main() -> None:
             ref = f"{pub[0]:.3f} ± {pub[1]:.3f}" if pub and m == "abmil" else ""
             rows.append((ds, m, s.repeats, r["accuracy_mean"], r["accuracy_std"], r["accuracy_repeat_means"],
                          r["auroc_mean"], r["auroc_std"], r["wall_seconds"], ref))
+            auc_sd = f" ± {r['auroc_std']:.3f}" if s.repeats > 1 else ""
             print(f"{ds:6} {m:6} accuracy {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}  "
-                  f"AUROC {r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}  {r['wall_seconds']:.0f} s"
+                  f"AUROC {r['auroc_mean']:.3f}{auc_sd}  {r['wall_seconds']:.0f} s"
                   + (f"  (Ilse et al.: {ref})" if ref else ""), flush=True)
     total = time.perf_counter() - t_all
     print()

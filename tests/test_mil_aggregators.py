@@ -311,3 +311,21 @@ def test_learns_key_instance_task_and_attends_to_key_instances(name: str) -> Non
     lift = np.mean([att[i][keys[i]].sum() / keys[i].mean() for i in pos])
     assert hit >= 0.8, f"{name}: top tile is a key instance in only {hit:.0%} of positive bags"
     assert lift > 3.0, f"{name}: key tiles get only {lift:.1f}x their share of attention"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ALL)
+def test_cuda_matches_cpu(name: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    m = tiny(name).eval()
+    x, c = bag(200, seed=7)
+    with torch.no_grad():
+        ref = m(x, c)
+        out = m.to("cuda")(x.cuda(), c.cuda())
+    torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out.attention.cpu(), ref.attention, rtol=1e-3, atol=1e-5)
+    m.train()
+    o = m(x.cuda(), c.cuda())
+    torch.nn.functional.cross_entropy(o.logits[None], torch.tensor([1], device="cuda")).backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
