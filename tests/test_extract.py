@@ -359,3 +359,63 @@ def test_tile_dataset_items_collate_and_pickle(wsi_dir):
     assert clone._reader is None and torch.equal(clone[1][0], tile)
     ds.close()
     clone.close()
+
+
+def _worker_pids(pool) -> list[int]:
+    return sorted(w.pid for w in pool._it._workers)
+
+
+def test_tile_pool_keeps_workers_across_slides_and_recovers_from_a_bad_one(wsi_dir, tmp_path):
+    from wsi_pipe.core.errors import SlideReadError
+    from wsi_pipe.stages.tile_dataset import TilePool
+
+    ome = TileSource("ome", str(wsi_dir / "OS-1-detail_HE.ome.tif"), "tiffslide", 0, 100, 64,
+                     np.array([[x, y] for x in range(0, 900, 150) for y in range(0, 900, 300)], np.int64),
+                     0.2271)
+    cmu_path = wsi_dir / "CMU-1-Small-Region.svs"
+    cmu = TileSource("cmu", str(cmu_path), "openslide", 0, 128, 64,
+                     np.array([[x, 400] for x in range(0, 1600, 100)], np.int64), None)
+    with open_slide(cmu_path) as r:
+        lv1 = 1 if r.level_count > 1 else 0
+    cmu1 = TileSource("cmu", str(cmu_path), "openslide", lv1, 64, 64, cmu.coords[:5], None)
+
+    def direct(src: TileSource) -> np.ndarray:
+        ds = TileDataset(src)
+        try:
+            return np.stack([ds.read_tile(i) for i in range(len(src.coords))])
+        finally:
+            ds.close()
+
+    def read(pool: TilePool, src: TileSource, bs: int = 4) -> np.ndarray:
+        got, rows = [], []
+        for tiles, r in pool.batches(src, bs):
+            assert tiles.dtype == torch.uint8 and tiles.is_contiguous(memory_format=torch.channels_last)
+            got.append(tiles.permute(0, 2, 3, 1).numpy())
+            rows.append(r.numpy())
+        assert np.concatenate(rows).tolist() == list(range(len(src.coords)))
+        return np.concatenate(got)
+
+    with TilePool(2) as pool:
+        np.testing.assert_array_equal(read(pool, ome), direct(ome))
+        pids = _worker_pids(pool)
+        # another slide, another reader backend, another level, a slide seen before
+        for src in (cmu, cmu1, ome):
+            np.testing.assert_array_equal(read(pool, src, bs=3), direct(src))
+            assert _worker_pids(pool) == pids  # the same worker processes served every slide
+        # a slide abandoned after one batch does not leak into the next one
+        next(pool.batches(cmu, 2))
+        np.testing.assert_array_equal(read(pool, ome), direct(ome))
+        # a truncated slide: a clear error naming it; after discard() the next slide gets new workers
+        bad = tmp_path / "bad.svs"
+        bad.write_bytes(cmu_path.read_bytes()[: cmu_path.stat().st_size // 3])
+        with pytest.raises(SlideReadError, match=r"^slide 'bad' .*truncated"):
+            read(pool, TileSource("bad", str(bad), "openslide", 0, 128, 64, cmu.coords, None))
+        pool.discard()
+        np.testing.assert_array_equal(read(pool, cmu), direct(cmu))
+        assert set(_worker_pids(pool)).isdisjoint(pids)
+    # persistent=False (the benchmark's baseline): fresh workers for every slide, same tiles
+    with TilePool(2, persistent=False) as pool:
+        np.testing.assert_array_equal(read(pool, ome), direct(ome))
+        first = _worker_pids(pool)
+        np.testing.assert_array_equal(read(pool, ome), direct(ome))
+        assert set(_worker_pids(pool)).isdisjoint(first)

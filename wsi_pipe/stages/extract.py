@@ -3,8 +3,9 @@
 Per slide and grid (target mpp), one pass:
 1. open the coords store (schema checked) and the slide (the path in the run's slide table, else
    the one recorded in the store; its size must match the one the coords were made on);
-2. a `TileDataset` read by DataLoader workers, each with its own slide handle, yields uint8 tiles
-   already resized to the encoder's input px; batches are pinned and prefetched;
+2. DataLoader workers (a `TilePool`, started once per run and kept across slides), each with its
+   own slide handle, read whole batches of uint8 tiles already resized to the encoder's input px;
+   batches are pinned and prefetched;
 3. on the device: uint8 -> float, normalise with the encoder's mean/std, forward under
    `inference_mode` and autocast (bf16/fp16), channels-last for CNNs; the device-to-host copy of
    batch k overlaps the forward of batch k+1;
@@ -14,7 +15,8 @@ Per slide and grid (target mpp), one pass:
 
 The model's wait for data (time blocked on the DataLoader) is logged per slide and returned.
 Slides run one at a time through the runner (skip-if-done, lock, state, catch-and-record);
-the parallelism is inside a slide: DataLoader workers decode while the device computes.
+the parallelism is inside a slide: DataLoader workers decode while the device computes. A slide
+that fails gets its workers discarded; the next slide starts fresh ones.
 """
 
 from __future__ import annotations
@@ -47,13 +49,7 @@ from wsi_pipe.core.errors import (
 )
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry
-from wsi_pipe.stages.tile_dataset import (
-    TileDataset,
-    TileSource,
-    collate_tiles,
-    worker_context,
-    worker_init,
-)
+from wsi_pipe.stages.tile_dataset import TilePool, TileSource, worker_context
 from wsi_pipe.store import create_store, open_store, schema, write_store
 
 log = logging.getLogger(__name__)
@@ -307,19 +303,11 @@ def embed_batches(
     return t
 
 
-def make_loader(dataset: TileDataset, batch_size: int, workers: int, device: torch.device,
-                ) -> torch.utils.data.DataLoader:
-    """DataLoader over one slide's tiles: in order, pinned on CUDA, prefetched by `workers`."""
-    n_batches = math.ceil(len(dataset) / batch_size)
-    workers = max(0, min(workers, n_batches))
-    kwargs: dict[str, Any] = {}
-    if workers > 0:
-        kwargs = {"prefetch_factor": PREFETCH_FACTOR, "worker_init_fn": worker_init,
-                  "multiprocessing_context": worker_context()}
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate_tiles, pin_memory=device.type == "cuda", drop_last=False, **kwargs,
-    )
+def make_pool(cfg: ExtractConfig, device: torch.device, persistent: bool = True) -> TilePool:
+    """The DataLoader workers of a run (`cfg.workers`, pinned batches on CUDA), kept across
+    slides unless `persistent` is False."""
+    return TilePool(cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_FACTOR,
+                    persistent=persistent)
 
 
 @contextlib.contextmanager
@@ -359,6 +347,8 @@ class ExtractJob:
     enc: EncoderBundle
     device: torch.device
     overwrite: bool = False
+    #: the run's DataLoader workers (None: each grid starts and stops its own)
+    pool: TilePool | None = None
 
 
 def features_key(enc: EncoderBundle, cfg: ExtractConfig, coords_config_hash: str) -> str:
@@ -510,31 +500,52 @@ def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[st
         "features_key": key, "extract_config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
     })
     timings = EmbedTimings()
-    dataset: TileDataset | None = None
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
-    if n:
-        path = _slide_path(entry, attrs, job.layout)
-        root["slide_path"] = path
-        dataset = TileDataset(TileSource(
-            slide_id=entry.slide_id, slide_path=path, backend=str(attrs.get("backend", "auto")),
-            read_level=int(attrs["read_level"]), read_size_px=int(attrs["read_size_px"]),
-            out_px=enc.input_px, coords=coords, mpp_override=float(attrs["level0_mpp"]),
-        ))
-        # start the workers (they open the slide and prefetch) while this process checks it
-        batches = iter(make_loader(dataset, cfg.batch_size, cfg.workers, job.device))
-        try:
+    own_pool = job.pool is None
+    pool = make_pool(cfg, job.device) if own_pool else job.pool
+    assert pool is not None
+    try:
+        if n:
+            path = _slide_path(entry, attrs, job.layout)
+            root["slide_path"] = path
+            source = TileSource(
+                slide_id=entry.slide_id, slide_path=path, backend=str(attrs.get("backend", "auto")),
+                read_level=int(attrs["read_level"]), read_size_px=int(attrs["read_size_px"]),
+                out_px=enc.input_px, coords=coords, mpp_override=float(attrs["level0_mpp"]),
+            )
+            # the workers open the slide and prefetch while this process checks it
+            batches = pool.batches(source, cfg.batch_size)
             _check_slide(entry, path, attrs)
-        except BaseException:
-            del batches  # shuts the workers down
-            raise
-    _remove_dead_tmp(out)
+        _remove_dead_tmp(out)
+        _write_features(entry, job, out, arrays, arr_attrs, root, n, batches, timings)
+    except BaseException:
+        pool.discard()  # a failed slide may leave workers mid-batch: the next slide gets new ones
+        raise
+    finally:
+        batches = None
+        if own_pool:
+            pool.close()
+    log.info(
+        "%s mpp %g: %d tiles in %.2f s (%.0f tiles/s); the model waited %.2f s (%.0f%%) for data",
+        entry.slide_id, mpp, n, timings.total_s, timings.tiles_per_s, timings.data_wait_s,
+        100 * timings.wait_fraction,
+    )
+    return timings
+
+
+def _write_features(entry: SlideEntry, job: ExtractJob, out: Path, arrays: dict[str, np.ndarray],
+                    arr_attrs: dict[str, dict[str, Any]], root: dict[str, Any], n: int,
+                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
+                    timings: EmbedTimings) -> None:
+    """Stream the features of `batches` into a new store at `out` (atomic); fills `timings`."""
+    cfg, enc = job.cfg, job.enc
     dtype = np.dtype(cfg.feature_dtype)
     with create_store(out) as w:
         for name in (schema.COORDS, schema.TISSUE_FRACTION, schema.PARENT_INDEX):
             if name in arrays:
                 w.put(name, arrays[name], arr_attrs.get(name))
         w.create_array(schema.FEATURES, (n, enc.embed_dim), dtype)
-        if dataset is not None and batches is not None:
+        if batches is not None:
             def sink(rows: np.ndarray, feats: np.ndarray) -> None:
                 start = int(rows[0])
                 if not np.array_equal(rows, np.arange(start, start + len(rows))):
@@ -542,19 +553,12 @@ def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[st
                 w.write(schema.FEATURES, start, feats.astype(dtype, copy=False))
 
             with torch_threads(cpu_threads_for(cfg, job.device)):
-                timings = embed_batches(enc, batches, sink, device=job.device, precision=cfg.precision)
-            del batches
-            dataset.close()
+                t = embed_batches(enc, batches, sink, device=job.device, precision=cfg.precision)
+            timings.__dict__.update(t.__dict__)
             if timings.n_tiles != n:
                 raise RuntimeError(f"slide {entry.slide_id}: {timings.n_tiles} of {n} tiles embedded")
         w.set_array_attrs(schema.FEATURES, {"encoder": enc.name, "embed_dim": enc.embed_dim})
         w.set_attrs(root)
-    log.info(
-        "%s mpp %g: %d tiles in %.2f s (%.0f tiles/s); the model waited %.2f s (%.0f%%) for data",
-        entry.slide_id, mpp, n, timings.total_s, timings.tiles_per_s, timings.data_wait_s,
-        100 * timings.wait_fraction,
-    )
-    return timings
 
 
 def _export_clam(store_path: Path, h5_path: Path, pt_path: Path) -> None:
@@ -612,13 +616,17 @@ def prepare_job(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = Fa
 
 def run_extract(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = False,
                 shard: tuple[int, int] | None = None, progress: bool = True,
-                encoder: EncoderBundle | None = None) -> Any:
+                encoder: EncoderBundle | None = None, persistent_workers: bool = True) -> Any:
     """Extract features for every slide of the run (its slide table) at the chosen grids.
 
     `encoder` (optional) replaces the one named by `cfg` (benchmarks, tests of the loop).
+    `persistent_workers`: one set of DataLoader workers serves every slide (False: each grid
+    starts its own, the baseline of `scripts/bench_extract.py --slides`).
     Returns the runner's RunSummary; the stage name is `extract/<feature set>`, so different
     feature sets of one run have their own locks and state.
     """
+    from dataclasses import replace
+
     from wsi_pipe.core.manifest import load_slide_table
     from wsi_pipe.runner import run_slides
 
@@ -626,8 +634,10 @@ def run_extract(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = Fa
     entries = load_slide_table(job.layout.slides_table)
     log.info("extract %s: %d slides, grids %s, %s on %s, %s", job.set_name, len(entries),
              ", ".join(f"{m:g}" for m in job.mpps), job.enc.name, job.device, cfg.precision)
-    return run_slides(
-        f"extract/{job.set_name}", entries, partial(extract_slide, job=job), job.layout,
-        is_done=partial(is_extracted, job=job), workers=1, shard=shard, overwrite=overwrite,
-        progress=progress,
-    )
+    with make_pool(cfg, job.device, persistent=persistent_workers) as pool:
+        job = replace(job, pool=pool)
+        return run_slides(
+            f"extract/{job.set_name}", entries, partial(extract_slide, job=job), job.layout,
+            is_done=partial(is_extracted, job=job), workers=1, shard=shard, overwrite=overwrite,
+            progress=progress,
+        )
