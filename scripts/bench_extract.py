@@ -276,15 +276,6 @@ def main() -> int:
               f"tiles/s, restarted per slide {restarted:.1f} tiles/s: {kept / restarted:.2f}x; "
               f"(kept) / (c) = {kept / rate_c:.3f}")
         multi_d = {"slides": args.slides, "kept_tiles_s": kept, "restarted_tiles_s": restarted}
-    if device.type == "cpu":
-        # on a CPU the workers' decoding and the encoder share the same cores, so min(a, b) is
-        # only reachable when one side is much cheaper; this is the bound when the work adds up
-        cores = len(os.sched_getaffinity(0))
-        t_main = threads if threads is not None else torch.get_num_threads()
-        shared = cores / (min(args.workers, cores) / rate_a + t_main / rate_b) if args.workers else None
-        if shared:
-            print(f"shared-core bound {cores} / (workers / a + threads / b) = {shared:.1f} tiles/s; "
-                  f"(c) / bound = {rate_c / min(shared, rate_a, rate_b):.3f}")
     if args.json:
         args.json.write_text(json.dumps({**multi_d,
             "io_floor_tiles_s": rate_a, "encoder_tiles_s": rate_b, "end_to_end_tiles_s": rate_c,
