@@ -499,7 +499,6 @@ def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[st
         "config_hash": cfg.config_hash(), "coords_config_hash": str(attrs.get("config_hash", "")),
         "features_key": key, "extract_config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
     })
-    timings = EmbedTimings()
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
     own_pool = job.pool is None
     pool = make_pool(cfg, job.device) if own_pool else job.pool
@@ -517,12 +516,11 @@ def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[st
             batches = pool.batches(source, cfg.batch_size)
             _check_slide(entry, path, attrs)
         _remove_dead_tmp(out)
-        _write_features(entry, job, out, arrays, arr_attrs, root, n, batches, timings)
+        timings = _write_features(entry, job, out, arrays, arr_attrs, root, n, batches)
     except BaseException:
         pool.discard()  # a failed slide may leave workers mid-batch: the next slide gets new ones
         raise
     finally:
-        batches = None
         if own_pool:
             pool.close()
     log.info(
@@ -535,10 +533,11 @@ def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[st
 
 def _write_features(entry: SlideEntry, job: ExtractJob, out: Path, arrays: dict[str, np.ndarray],
                     arr_attrs: dict[str, dict[str, Any]], root: dict[str, Any], n: int,
-                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
-                    timings: EmbedTimings) -> None:
-    """Stream the features of `batches` into a new store at `out` (atomic); fills `timings`."""
+                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None) -> EmbedTimings:
+    """Stream the features of `batches` into a new store at `out` (atomic); returns the timings
+    (empty when there are no batches: a slide without tiles)."""
     cfg, enc = job.cfg, job.enc
+    timings = EmbedTimings()
     dtype = np.dtype(cfg.feature_dtype)
     with create_store(out) as w:
         for name in (schema.COORDS, schema.TISSUE_FRACTION, schema.PARENT_INDEX):
@@ -553,12 +552,12 @@ def _write_features(entry: SlideEntry, job: ExtractJob, out: Path, arrays: dict[
                 w.write(schema.FEATURES, start, feats.astype(dtype, copy=False))
 
             with torch_threads(cpu_threads_for(cfg, job.device)):
-                t = embed_batches(enc, batches, sink, device=job.device, precision=cfg.precision)
-            timings.__dict__.update(t.__dict__)
+                timings = embed_batches(enc, batches, sink, device=job.device, precision=cfg.precision)
             if timings.n_tiles != n:
                 raise RuntimeError(f"slide {entry.slide_id}: {timings.n_tiles} of {n} tiles embedded")
         w.set_array_attrs(schema.FEATURES, {"encoder": enc.name, "embed_dim": enc.embed_dim})
         w.set_attrs(root)
+    return timings
 
 
 def _export_clam(store_path: Path, h5_path: Path, pt_path: Path) -> None:

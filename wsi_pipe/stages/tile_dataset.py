@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -166,8 +166,6 @@ class BatchRequest:
 
 def batch_requests(source: TileSource, batch_size: int) -> list[BatchRequest]:
     """Split a slide's coords into consecutive batches of at most `batch_size` rows."""
-    from dataclasses import replace
-
     n = len(source.coords)
     return [
         BatchRequest(replace(source, coords=source.coords[s:s + batch_size]),
@@ -193,7 +191,7 @@ class BatchReader(Dataset):
 
     def __getitem__(self, req: BatchRequest) -> tuple[torch.Tensor, torch.Tensor]:
         s = req.source
-        key = (s.slide_id, s.slide_path, s.backend, s.mpp_override, os.getpid())
+        key = (s.slide_id, s.slide_path, s.backend, s.mpp_override)  # TileDataset reopens after a fork
         if self._ds is None or key != self._key:
             self.close()
             self._ds = TileDataset(s)
