@@ -164,7 +164,7 @@ def test_features_equal_encoder_on_direct_reads_both_backends(tiled, weights, tm
     # chunks: thousands of rows, or the whole array when it is smaller
     with h5py.File(lay.feature_store("resnet_tiny", "cmu", 0.5, "h5"), "r") as f:
         assert f["features"].chunks[0] >= min(1024, f["features"].shape[0])
-    cfg_text = lay.config("extract").read_text()
+    cfg_text = lay.extract_config("resnet_tiny").read_text()
     assert "resnet_tiny" in cfg_text and "device: cpu" in cfg_text
 
 

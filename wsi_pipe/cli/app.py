@@ -16,7 +16,9 @@ app = typer.Typer(
 )
 
 #: modules under wsi_pipe.cli that define `register(app)`; a missing one is skipped
-_COMMAND_MODULES = ("tile_cmd", "pretrain_cmd", "extract_cmd", "mil_cmd", "cluster_cmd")
+_COMMAND_MODULES = (
+    "tile_cmd", "pretrain_cmd", "extract_cmd", "mil_cmd", "cluster_cmd", "anomaly_cmd", "report_cmd",
+)
 
 
 @app.callback()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -73,3 +74,13 @@ def run_guarded(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         return fn(*args, **kwargs)
     except WsiPipeError as e:
         fail(str(e))
+
+
+def resolve_run_dir(run_dir: Path | None) -> Path:
+    """RUN_DIR as given, or the run folder holding the current directory (found upwards)."""
+    from wsi_pipe.core.layout import find_run_dir
+
+    if run_dir is not None:
+        return run_dir
+    found: Path = run_guarded(find_run_dir)
+    return found

@@ -6,13 +6,27 @@ from pathlib import Path
 
 import typer
 
-from wsi_pipe.cli.common import console, fail, parse_shard, print_summary, run_guarded
+from wsi_pipe.cli.common import console, fail, parse_shard, print_summary, resolve_run_dir, run_guarded
+
+
+def resolve_encoder_arg(encoder: str, run_dir: Path) -> str:
+    """`--encoder` as typed: a file that exists as given, else the run's models/<file> when that
+    exists (so `wsi-pipe extract --encoder ssmamba.pt` inside a run finds models/ssmamba.pt),
+    else unchanged (an architecture name, or a missing file the stage reports)."""
+    from wsi_pipe.core.layout import RunLayout
+
+    if Path(encoder).exists():
+        return encoder
+    in_models = RunLayout(run_dir).models_dir / encoder
+    return str(in_models) if in_models.is_file() else encoder
 
 
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
-        run_dir: Path = typer.Argument(..., help="run folder written by `wsi-pipe tile`"),
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder written by `wsi-pipe tile` (default: the run holding the current folder)"
+        ),
         encoder: str | None = typer.Option(
             None, "--encoder", "-e",
             help="ssmamba.pt / medmamba checkpoint, or a registered architecture (with --weights)",
@@ -40,6 +54,9 @@ def register(app: typer.Typer) -> None:
 
         if encoder is None and config is None:
             fail("give --encoder (a checkpoint such as models/ssmamba.pt, or an architecture name)")
+        run_dir = resolve_run_dir(run_dir)
+        if encoder is not None:
+            encoder = resolve_encoder_arg(encoder, run_dir)
         cfg = run_guarded(
             load_config, ExtractConfig, config, encoder=encoder,
             weights=str(weights) if weights is not None else None, name=name,

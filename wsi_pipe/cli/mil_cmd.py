@@ -6,15 +6,20 @@ from pathlib import Path
 
 import typer
 
-from wsi_pipe.cli.common import console, run_guarded
+from wsi_pipe.cli.common import console, resolve_run_dir, run_guarded
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train-mil")
     def train_mil_cmd(
-        run_dir: Path = typer.Argument(..., help="run folder with feature stores (`wsi-pipe extract`)"),
-        manifest: Path = typer.Option(..., "--manifest", "-m",
-                                      help="CSV with slide_id, patient_id, label (optional split)"),
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder with feature stores (default: the run holding the current folder)"
+        ),
+        manifest: Path | None = typer.Option(
+            None, "--manifest", "-m",
+            help="CSV with slide_id, patient_id, label (optional split); default: the labels of the "
+            "manifest the run was tiled from",
+        ),
         method: str | None = typer.Option(None, "--method", help="abmil | msm | mamba | mean | max"),
         features: str | None = typer.Option(None, "--features", help="feature set (default: the only one)"),
         mpp: float | None = typer.Option(None, "--mpp", help="grid in um/px (default: the only one)"),
@@ -34,6 +39,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = run_guarded(load_config, MilConfig, config, method=method, features=features, mpp=mpp,
                           n_folds=folds, epochs=epochs, device=device, seed=seed)
+        run_dir = resolve_run_dir(run_dir)
         res = run_guarded(train_mil, run_dir, manifest, cfg, name=name, overwrite=overwrite)
         t = Table(title=f"{cfg.method}: {res.n_slides} slides, {res.n_folds} fold(s), classes {res.classes}")
         for col in ("metric", "fold mean ± sd", "pooled", "95% CI"):
@@ -47,7 +53,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict")
     def predict_cmd(
-        run_dir: Path = typer.Argument(..., help="run folder with the new slides' feature stores"),
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder with the new slides' feature stores (default: the current run)"
+        ),
         model: Path = typer.Option(..., "--model", help="a train-mil output folder (RUN/mil/NAME)"),
         slides: list[str] = typer.Option(..., "--slides", help="slide ids (repeat) or one manifest CSV"),
         out: Path | None = typer.Option(None, "--out", help="predictions CSV path"),
@@ -56,12 +64,14 @@ def register(app: typer.Typer) -> None:
         """Apply a trained MIL model (the mean of its fold models) to slides."""
         from wsi_pipe.stages.train_mil import predict
 
-        path = run_guarded(predict, run_dir, model, slides, out, device)
+        path = run_guarded(predict, resolve_run_dir(run_dir), model, slides, out, device)
         console.print(f"predictions: {path}")
 
     @app.command("heatmap")
     def heatmap_cmd(
-        run_dir: Path = typer.Argument(..., help="run folder holding the slide's feature store"),
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder holding the slide's feature store (default: the current run)"
+        ),
         model: Path = typer.Option(..., "--model", help="a train-mil output folder (RUN/mil/NAME)"),
         slide: list[str] = typer.Option(..., "--slide", help="slide id (repeat for several)"),
         top_k: int = typer.Option(8, "--top-k", min=0, help="most attended tiles saved as images"),
@@ -76,6 +86,7 @@ def register(app: typer.Typer) -> None:
 
         if slide_path and len(slide) > 1:
             fail("--slide-path works with a single --slide")
+        run_dir = resolve_run_dir(run_dir)
         for sid in slide:
             res = run_guarded(heatmap, run_dir, model, sid, top_k=top_k, max_px=max_px, alpha=alpha,
                               slide_path=slide_path, device=device)

@@ -8,16 +8,33 @@ import typer
 
 from wsi_pipe.cli.common import console, fail, parse_shard, print_summary, run_guarded
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
+
+def preset_names() -> list[str]:
+    """Names of the tile presets shipped inside the package (wsi_pipe/presets/*.yaml)."""
+    from importlib.resources import files
+
+    return sorted(p.name[: -len(".yaml")] for p in files("wsi_pipe.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset; exits with the known names when `name` is not one."""
+    from importlib.resources import as_file, files
+
+    if name not in preset_names():
+        fail(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
+    # presets ship as plain files in the package (wheel or editable), so as_file yields the real path
+    with as_file(files("wsi_pipe.presets") / f"{name}.yaml") as p:
+        return Path(p)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("tile")
     def tile(
         slides: list[str] = typer.Argument(..., help="slide files, folders (recursive) or a manifest CSV"),
-        out: Path = typer.Option(..., "--out", "-o", help="run folder"),
+        out: Path = typer.Option(Path("."), "--out", "-o", help="run folder (default: the current folder)"),
         config: Path | None = typer.Option(None, "--config", "-c", help="TileConfig YAML"),
-        preset: str | None = typer.Option(None, help="named preset from configs/presets (resection, biopsy)"),
+        preset: str | None = typer.Option(None, help="named tile preset shipped with wsi-pipe (biopsy, resection)"),
         mpp: list[float] | None = typer.Option(None, "--mpp", help="target um/px; repeat for several grids"),
         tile_px: int | None = typer.Option(None, "--tile-px", help="tile side in px at the target mpp"),
         overlap_px: int | None = typer.Option(None, "--overlap-px"),
@@ -36,10 +53,7 @@ def register(app: typer.Typer) -> None:
         if config is not None and preset is not None:
             fail("give --config or --preset, not both")
         if preset is not None:
-            config = PRESETS_DIR / f"{preset}.yaml"
-            if not config.exists():
-                known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-                fail(f"unknown preset {preset!r}; known: {', '.join(known)}")
+            config = preset_path(preset)
         cfg = run_guarded(
             load_config, TileConfig, config, target_mpps=tuple(mpp) if mpp else None, tile_px=tile_px,
             overlap_px=overlap_px, min_tissue_fraction=min_tissue, store=store, backend=backend,

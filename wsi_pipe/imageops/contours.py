@@ -26,7 +26,7 @@ def _ring(points: np.ndarray, scale: float, ccw: bool, decimals: int) -> list[li
     if (_signed_area(pts) > 0) != ccw:
         pts = pts[::-1]
     pts = np.round(pts, decimals)
-    ring = pts.tolist()
+    ring: list[list[float]] = pts.tolist()
     ring.append(ring[0])
     return ring
 

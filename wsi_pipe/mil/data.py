@@ -82,7 +82,7 @@ def resolve_feature_source(layout: RunLayout, features: str | None, mpp: float |
             f"{layout.root}: no feature set {features!r} (found {sets or 'none'}): run "
             "`wsi-pipe extract` or fix --features"
         )
-    fdir = layout.root / "features" / features
+    fdir = layout.feature_set_dir(features)
     mpps = sorted(parse_mpp_tag(p.name) for p in fdir.iterdir() if p.is_dir() and p.name.startswith("mpp"))
     if mpp is None:
         if len(mpps) != 1:

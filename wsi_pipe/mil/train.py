@@ -22,6 +22,7 @@ from wsi_pipe.core.errors import CheckpointError
 from wsi_pipe.core.fsutil import atomic_path
 from wsi_pipe.mil.data import Bag
 from wsi_pipe.mil.registry import Aggregator, MilOutput, create_aggregator
+from wsi_pipe.torchutil import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +30,13 @@ CHECKPOINT_FORMAT = "wsi-pipe-mil"
 CHECKPOINT_VERSION = 1
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cuda' without a GPU raises."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no GPU: use --device cpu")
-    return torch.device(device)
 
 
 class MilModel(nn.Module):
     """Standardise features ((x - mean) / std, per feature), then aggregate one bag."""
+
+    feat_mean: torch.Tensor  # (in_dim,) buffers, saved with the weights
+    feat_std: torch.Tensor
 
     def __init__(self, aggregator: Aggregator) -> None:
         super().__init__()

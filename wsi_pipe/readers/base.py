@@ -105,7 +105,8 @@ def composite_rgba_on_white(rgba: np.ndarray) -> np.ndarray:
         return out
     a = alpha[..., None].astype(np.float32) / 255.0
     out_f = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
-    return np.clip(np.rint(out_f), 0, 255).astype(np.uint8)
+    flat: np.ndarray = np.clip(np.rint(out_f), 0, 255).astype(np.uint8)
+    return flat
 
 
 def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:

@@ -28,7 +28,8 @@ DONE, FAILED, SKIPPED, BUSY, RUNNING, PENDING = "done", "failed", "skipped", "bu
 
 
 class HasSlideId(Protocol):
-    slide_id: str
+    @property
+    def slide_id(self) -> str: ...
 
 
 @dataclass

@@ -51,6 +51,7 @@ from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry
 from wsi_pipe.stages.tile_dataset import TilePool, TileSource, worker_context
 from wsi_pipe.store import create_store, open_store, schema, write_store
+from wsi_pipe.torchutil import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,6 @@ def file_hash(path: str | Path, n_hex: int = 16) -> str:
     return h.hexdigest()[:n_hex]
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu. Asking for cuda without one is a ConfigError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu or auto")
-    return torch.device(device)
 
 
 def _is_checkpoint_path(text: str) -> bool:
@@ -115,7 +109,7 @@ def encoder_bundle(model: nn.Module, spec: Any, weights_hash: str, source: str,
     model = model.eval().requires_grad_(False).to(device)
     cl = _uses_cnn(model)
     if cl:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return EncoderBundle(
         model=model, name=str(spec.name), input_px=int(spec.input_px),
         mean=tuple(float(v) for v in spec.mean), std=tuple(float(v) for v in spec.std),  # type: ignore[arg-type]
@@ -594,7 +588,8 @@ def _select_mpps(layout: RunLayout, wanted: tuple[float, ...] | None) -> tuple[f
 
 def prepare_job(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = False,
                 encoder: EncoderBundle | None = None) -> ExtractJob:
-    """Resolve grids, device and encoder; save the resolved config (RunLayout.config('extract'))."""
+    """Resolve grids, device and encoder; save the resolved config of this feature set
+    (`RunLayout.extract_config`, one file per set, so extracting a second set keeps the first's)."""
     from wsi_pipe.core.config import dump_config
     from wsi_pipe.core.fsutil import atomic_write_text
 
@@ -609,8 +604,9 @@ def prepare_job(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = Fa
     if encoder is None:
         encoder = load_extract_encoder(cfg, device)
     resolved = cfg.model_copy(update={"mpps": mpps, "device": device.type})
-    atomic_write_text(layout.config("extract"), dump_config(resolved))
-    return ExtractJob(layout, cfg, feature_set_name(cfg), mpps, encoder, device, overwrite)
+    set_name = feature_set_name(cfg)
+    atomic_write_text(layout.extract_config(set_name), dump_config(resolved))
+    return ExtractJob(layout, cfg, set_name, mpps, encoder, device, overwrite)
 
 
 def run_extract(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = False,

@@ -22,13 +22,12 @@ from typing import Any
 from wsi_pipe.core.config import RunConfig, dump_config, load_config
 from wsi_pipe.core.errors import ConfigError
 from wsi_pipe.core.fsutil import atomic_write_text
-from wsi_pipe.core.layout import RunLayout
+from wsi_pipe.core.layout import MilRunPaths, RunLayout
 
 log = logging.getLogger(__name__)
 
 STAGES = ("tile", "pretrain", "extract", "train-mil", "heatmap")
 #: the checkpoint `wsi-pipe pretrain` writes under RunLayout.models_dir
-PRETRAINED_NAME = "ssmamba.pt"
 
 
 # ----------------------------------------------------------------------------------- config
@@ -58,7 +57,7 @@ def _encoder_source(cfg: RunConfig) -> str | None:
     if cfg.extract is None:
         return None
     if cfg.pretrain is not None:
-        return str(RunLayout(cfg.out).models_dir / PRETRAINED_NAME)
+        return str(RunLayout(cfg.out).encoder_checkpoint)
     return cfg.extract.encoder
 
 
@@ -161,8 +160,8 @@ def run_pipeline(cfg: RunConfig, *, overwrite: bool = False, only: Sequence[str]
                            overwrite=overwrite, progress=progress)
         rep = _slides_report("tile", summary, t0)
         result.stages.append(rep)
-        result.outputs["tiles"] = layout.root / "tiles"
-        result.outputs["QC images"] = layout.root / "qc"
+        result.outputs["tiles"] = layout.tiles_root
+        result.outputs["QC images"] = layout.qc_dir
         blocked = rep.status == "failed" and summary.count("done") + summary.count("skipped") == 0
 
     # ---- pretrain
@@ -187,7 +186,7 @@ def run_pipeline(cfg: RunConfig, *, overwrite: bool = False, only: Sequence[str]
         feature_set = feature_set_name(ecfg)
         rep = _slides_report("extract", summary, t0)
         result.stages.append(rep)
-        result.outputs["features"] = layout.root / "features" / feature_set
+        result.outputs["features"] = layout.feature_set_dir(feature_set)
         blocked = summary.count("done") + summary.count("skipped") == 0
 
     # ---- train-mil and heatmaps
@@ -207,8 +206,8 @@ def run_pipeline(cfg: RunConfig, *, overwrite: bool = False, only: Sequence[str]
             f"{res.n_slides} slides, {res.n_folds} folds, pooled AUROC {auroc:.3f}, "
             f"balanced accuracy {bacc:.3f}" if auroc is not None and bacc is not None else "", res))
         result.outputs["MIL model"] = res.out_dir
-        result.outputs["MIL metrics"] = res.out_dir / "metrics.json"
-        result.outputs["MIL predictions"] = res.out_dir / "predictions.csv"
+        result.outputs["MIL metrics"] = MilRunPaths(res.out_dir).metrics
+        result.outputs["MIL predictions"] = MilRunPaths(res.out_dir).predictions
         if "heatmap" in want and heatmap_slides > 0:
             t0 = time.perf_counter()
             rep, hdir = _run_heatmaps(layout, res.out_dir, heatmap_slides)
@@ -238,7 +237,7 @@ def _run_pretrain(layout: RunLayout, cfg: RunConfig, overwrite: bool, progress: 
     from wsi_pipe.stages.pretrain import pretrain
 
     assert cfg.pretrain is not None
-    out = layout.models_dir / PRETRAINED_NAME
+    out = layout.encoder_checkpoint
     if not overwrite and pretrained_is_current(out, cfg.pretrain):
         return out, "already done"
     res = pretrain(layout.root, cfg.pretrain, out, resume=not overwrite, progress=progress)
@@ -253,7 +252,7 @@ def _run_heatmaps(layout: RunLayout, model_dir: Path, n: int) -> tuple[StageRepo
 
     from wsi_pipe.stages.heatmap import heatmap
 
-    pred_csv = model_dir / "predictions.csv"
+    pred_csv = MilRunPaths(model_dir).predictions
     rows = list(csv.DictReader(pred_csv.read_text().splitlines())) if pred_csv.exists() else []
     prob_cols = [c for c in (rows[0].keys() if rows else []) if c.startswith("prob_")]
     if not rows or not prob_cols:
@@ -351,7 +350,7 @@ class RunStatus:
 def _stage_names(layout: RunLayout) -> list[str]:
     """Per-slide stages of the run: folders holding state or lock files (e.g. extract/<set>)."""
     names: set[str] = set()
-    for top in (layout.root / "state", layout.root / "locks"):
+    for top in (layout.state_root, layout.locks_root):
         if top.is_dir():
             for f in top.rglob("*"):
                 if f.is_file() and (f.suffix in (".json", ".lock")) and not f.name.startswith("."):
@@ -374,22 +373,19 @@ def collect_status(run_dir: str | Path) -> RunStatus:
     for stage in _stage_names(layout):
         ids = set(all_ids or [])
         for d, suffix in ((layout.state_dir(stage), ".json"),
-                          (layout.lock_file(stage, "x").parent, ".lock")):
+                          (layout.lock_dir(stage), ".lock")):
             if d.is_dir():
                 ids |= {p.name[: -len(suffix)] for p in d.glob(f"*{suffix}") if not p.name.startswith(".")}
         groups = stage_status(layout, stage, sorted(ids))
         stages[stage] = groups
         failures[stage] = [(sid, str(read_state(layout, stage, sid).get("error"))) for sid in groups["failed"]]
     artifacts: dict[str, Path] = {}
-    ckpt = layout.models_dir / PRETRAINED_NAME
+    ckpt = layout.encoder_checkpoint
     if ckpt.exists():
         artifacts["encoder"] = ckpt
-    mil_root = layout.root / "mil"
-    if mil_root.is_dir():
-        for d in sorted(mil_root.iterdir()):
-            if (d / "metrics.json").exists():
-                artifacts[f"MIL {d.name}"] = d / "metrics.json"
-    hm_root = layout.root / "heatmaps"
+    for mil_run in layout.mil_runs():
+        artifacts[f"MIL {mil_run.name}"] = mil_run.metrics
+    hm_root = layout.heatmaps_root
     if hm_root.is_dir():
         for d in sorted(hm_root.iterdir()):
             artifacts[f"heatmaps {d.name}"] = d

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from wsi_pipe.core.config import MilConfig, dump_config
-from wsi_pipe.core.errors import CheckpointError, ConfigError
+from wsi_pipe.core.errors import ConfigError
 from wsi_pipe.core.fsutil import atomic_write_json, atomic_write_text, read_json
 from wsi_pipe.core.layout import RunLayout
-from wsi_pipe.core.manifest import SlideEntry, read_manifest
+from wsi_pipe.core.manifest import SlideEntry, load_slide_table, read_manifest
 from wsi_pipe.mil import get_spec
 from wsi_pipe.mil.data import Bag, bags_from_entries, resolve_feature_source
 from wsi_pipe.mil.metrics import compute_metrics, summarise_folds
@@ -51,15 +51,14 @@ from wsi_pipe.mil.train import (
     TrainParams,
     feature_stats,
     fit,
-    load_checkpoint,
     predict_bags,
-    resolve_device,
     save_checkpoint,
 )
+from wsi_pipe.mil.trained import ensemble_predict, load_trained
+from wsi_pipe.torchutil import resolve_device
 
 log = logging.getLogger(__name__)
 
-MODEL_JSON = "model.json"
 SPLIT_COLUMN = "split"
 
 
@@ -100,7 +99,7 @@ def _folds_for(entries: Sequence[SlideEntry], bags: Sequence[Bag], cfg: MilConfi
     patient_of = {b.bag_id: b.patient_id for b in bags}
     if any(SPLIT_COLUMN in e.extra for e in entries):
         folds = fixed_split(ids, [e.extra.get(SPLIT_COLUMN, "") for e in entries])
-        meta = {"kind": "fixed", "column": SPLIT_COLUMN}
+        meta: dict[str, Any] = {"kind": "fixed", "column": SPLIT_COLUMN}
     else:
         meta = {"kind": "patient_stratified_kfold", "n_folds": cfg.n_folds, "seed": cfg.seed,
                 "val_fraction": cfg.val_fraction}
@@ -155,15 +154,33 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def prepare_training(run_dir: str | Path, manifest: str | Path, cfg: MilConfig
+def labelled_entries(layout: RunLayout, manifest: str | Path | None) -> list[SlideEntry]:
+    """The labelled slides to train on: `manifest`'s rows, or, without one, the slide table of
+    the manifest the run was tiled from, when every slide there has a label."""
+    if manifest is not None:
+        return read_manifest(manifest, require_labels=True)
+    entries = load_slide_table(layout.slides_table)
+    unlabeled = [e.slide_id for e in entries if e.label is None]
+    if unlabeled:
+        what = "without labels" if len(unlabeled) == len(entries) else (
+            f"without a label for {len(unlabeled)} slide(s) ({', '.join(unlabeled[:5])})")
+        raise ConfigError(
+            f"run {layout.root} was tiled {what}: pass --manifest CSV with slide_id, patient_id "
+            "and a label column"
+        )
+    return entries
+
+
+def prepare_training(run_dir: str | Path, manifest: str | Path | None, cfg: MilConfig
                      ) -> tuple[RunLayout, list[SlideEntry], list[Bag], list[str], str, float]:
     """Every check that can fail before training: config, manifest, labels, feature stores.
 
+    `manifest` None: the labels of the run's own slide table (see `labelled_entries`).
     Returns (layout, entries, bags, classes, feature_set, mpp).
     """
     layout = RunLayout(run_dir)
     get_spec(cfg.method)  # unknown method -> ConfigError naming the known ones
-    entries = read_manifest(manifest, require_labels=True)
+    entries = labelled_entries(layout, manifest)
     feature_set, mpp = resolve_feature_source(layout, cfg.features, cfg.mpp)
     bags, classes = bags_from_entries(layout, entries, feature_set, mpp)
     return layout, entries, bags, classes, feature_set, mpp
@@ -171,7 +188,7 @@ def prepare_training(run_dir: str | Path, manifest: str | Path, cfg: MilConfig
 
 def train_mil(
     run_dir: str | Path,
-    manifest: str | Path,
+    manifest: str | Path | None,
     cfg: MilConfig,
     name: str | None = None,
     overwrite: bool = False,
@@ -179,14 +196,15 @@ def train_mil(
     """Cross-validated training of `cfg.method` on the run's feature stores for `manifest`'s slides.
 
     manifest: CSV with slide_id, patient_id, label (and optionally a `split` column of
-    train/val/test for one fixed split). Folds already finished with the same config are reused
+    train/val/test for one fixed split); None takes the labels of the run's slide table. Folds already finished with the same config are reused
     unless `overwrite`. Raises ConfigError / StoreSchemaError before any training on bad input.
     """
     t0 = time.perf_counter()
     layout, entries, bags, classes, feature_set, mpp = prepare_training(run_dir, manifest, cfg)
-    out = layout.mil_dir(name or default_name(cfg.method, feature_set))
+    paths = layout.mil_run(name or default_name(cfg.method, feature_set))
+    out = paths.root
     by_id = {b.bag_id: b for b in bags}
-    folds = _folds_for(entries, bags, cfg, out / "splits.json", overwrite)
+    folds = _folds_for(entries, bags, cfg, paths.splits, overwrite)
     _check_fold_classes(folds, by_id, len(classes))
     device = resolve_device(cfg.device)
     in_dim = bags[0].dim
@@ -196,11 +214,12 @@ def train_mil(
         for b in bags:
             b.materialize()
     chash = cfg.config_hash()
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    atomic_write_json(out / MODEL_JSON, {
+    atomic_write_text(paths.config, dump_config(cfg))
+    atomic_write_json(paths.model_json, {
         "method": cfg.method, "feature_set": feature_set, "mpp": mpp, "classes": classes,
         "in_dim": in_dim, "n_folds": len(folds), "config_hash": chash,
-        "manifest": str(Path(manifest).resolve()), "aggregator_kwargs": kwargs,
+        "manifest": str(Path(manifest if manifest is not None else layout.slides_table).resolve()),
+        "aggregator_kwargs": kwargs,
     })
     log.info("train-mil %s: %d slides, %d classes, %d folds, device %s -> %s",
              cfg.method, len(bags), len(classes), len(folds), device, out)
@@ -210,9 +229,8 @@ def train_mil(
     )
     fold_records, all_rows = [], []
     for k, f in enumerate(folds):
-        fdir = out / f"fold_{k}"
-        marker = fdir / "fold.json"
-        if marker.exists() and (fdir / "model.pt").exists() and not overwrite:
+        marker = paths.fold_record(k)
+        if marker.exists() and paths.fold_model(k).exists() and not overwrite:
             rec = read_json(marker)
             if rec.get("config_hash") == chash and rec.get("test") == list(f.test):
                 log.info("fold %d already done, reusing %s", k, marker)
@@ -230,7 +248,7 @@ def train_mil(
                 model.set_standardization(*feature_stats(train))
             res = fit(model, train, val, TrainParams(**{**params.__dict__, "seed": cfg.seed + k}), device)
             prob, _ = predict_bags(model, test, device)
-        save_checkpoint(fdir / "model.pt", model, {"fold": k, "classes": classes,
+        save_checkpoint(paths.fold_model(k), model, {"fold": k, "classes": classes,
                                                    "feature_set": feature_set, "mpp": mpp})
         y = np.array([b.label for b in test])
         rows = _prediction_rows(test, prob, classes, k)
@@ -252,8 +270,8 @@ def train_mil(
     p_all = np.array([[r[f"prob_{c}"] for c in classes] for r in all_rows])
     summary = summarise_folds([r["metrics"] for r in fold_records])
     pooled = compute_metrics(y_all, p_all, cfg.bootstrap, cfg.seed)
-    atomic_write_text(out / "predictions.csv", _csv_text(all_rows))
-    atomic_write_json(out / "metrics.json", {
+    atomic_write_text(paths.predictions, _csv_text(all_rows))
+    atomic_write_json(paths.metrics, {
         "method": cfg.method, "feature_set": feature_set, "mpp": mpp, "classes": classes,
         "summary": summary, "pooled": pooled,
         "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "metrics")}
@@ -263,34 +281,6 @@ def train_mil(
 
 
 # ------------------------------------------------------------------------------- predict
-@dataclass
-class TrainedMil:
-    """A trained MIL run folder: its description and fold models."""
-
-    model_dir: Path
-    info: dict[str, Any]
-    models: list[MilModel]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.info["classes"])
-
-
-def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> TrainedMil:
-    """Load `model.json` and every `fold_*/model.pt` of a train-mil output folder."""
-    model_dir = Path(model_dir)
-    info_path = model_dir / MODEL_JSON
-    if not info_path.exists():
-        raise CheckpointError(f"{model_dir} is not a train-mil output (no {MODEL_JSON}): give --model "
-                              "the folder `wsi-pipe train-mil` wrote under RUN_DIR/mil/")
-    info = read_json(info_path)
-    ckpts = sorted(model_dir.glob("fold_*/model.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if not ckpts:
-        raise CheckpointError(f"{model_dir} holds no fold_*/model.pt: training did not finish")
-    models = [load_checkpoint(p, device)[0] for p in ckpts]
-    return TrainedMil(model_dir, info, models)
-
-
 def entries_from_args(slides: Sequence[str]) -> list[SlideEntry]:
     """Slide entries from slide ids, or from one manifest CSV (labels optional)."""
     if len(slides) == 1 and slides[0].lower().endswith(".csv"):
@@ -298,18 +288,6 @@ def entries_from_args(slides: Sequence[str]) -> list[SlideEntry]:
     if not slides:
         raise ConfigError("give slide ids or a manifest CSV to predict on")
     return [SlideEntry(s, "", s) for s in slides]
-
-
-def ensemble_predict(trained: TrainedMil, bags: Sequence[Bag], device: torch.device,
-                     with_attention: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Mean class probabilities (n_bags, n_classes) over the fold models; mean attention per bag."""
-    probs, atts = [], []
-    for m in trained.models:
-        p, a = predict_bags(m, bags, device, with_attention)
-        probs.append(p)
-        atts.append(a)
-    mean_att = [np.mean([a[i] for a in atts], axis=0) for i in range(len(bags))] if with_attention else []
-    return np.mean(probs, axis=0), mean_att
 
 
 def predict(
@@ -337,7 +315,7 @@ def predict(
                           f"the model expects {info['in_dim']}: extract with the same encoder")
     prob, _ = ensemble_predict(trained, bags, dev)
     rows = _prediction_rows(bags, prob, classes, None)
-    out_path = Path(out) if out else layout.mil_dir(Path(model_dir).name) / "inference" / "predictions.csv"
+    out_path = Path(out) if out else layout.mil_run(Path(model_dir).name).inference_predictions
     atomic_write_text(out_path, _csv_text(rows))
     labelled = [i for i, b in enumerate(bags) if b.label >= 0]
     if labelled and len({bags[i].label for i in labelled}) > 1:
