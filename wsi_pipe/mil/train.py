@@ -22,7 +22,6 @@ from wsi_pipe.core.errors import CheckpointError
 from wsi_pipe.core.fsutil import atomic_path
 from wsi_pipe.mil.data import Bag
 from wsi_pipe.mil.registry import Aggregator, MilOutput, create_aggregator
-from wsi_pipe.torchutil import resolve_device
 
 log = logging.getLogger(__name__)
 

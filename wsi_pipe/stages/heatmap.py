@@ -3,7 +3,8 @@ top-k attended tiles as images.
 
 Outputs under `RunLayout(run).heatmap_dir(name)` (name = the model folder's name):
 
-    <slide>.png               thumbnail with the attention colour map blended over the tiles
+    <slide>.png               thumbnail with the attention colour map blended over the tiles,
+                              a colour bar and a legend (slide, prediction, scale) beneath
     <slide>_attention.csv     x, y (level-0 px), attention, rank of every tile
     <slide>_top/rank<r>_x<x>_y<y>.png   the k most attended tiles, read from the slide
 """
@@ -77,15 +78,71 @@ def render_heatmap(
     x1 = np.clip(np.maximum(np.ceil((c[:, 0] + tile_size_l0) * sx).astype(int), x0 + 1), 0, w)
     y1 = np.clip(np.maximum(np.ceil((c[:, 1] + tile_size_l0) * sy).astype(int), y0 + 1), 0, h)
     for i in range(len(v)):
-        acc[y0[i]:y1[i], x0[i]:x1[i]] += v[i]
-        cnt[y0[i]:y1[i], x0[i]:x1[i]] += 1
+        acc[y0[i] : y1[i], x0[i] : x1[i]] += v[i]
+        cnt[y0[i] : y1[i], x0[i] : x1[i]] += 1
     covered = cnt > 0
     level = np.zeros((h, w), np.uint8)
     level[covered] = np.round(255 * acc[covered] / cnt[covered]).astype(np.uint8)
     colour = cv2.cvtColor(cv2.applyColorMap(level, colormap), cv2.COLOR_BGR2RGB)
     out = thumb.copy()
-    blend = (1 - alpha) * thumb[covered].astype(np.float64) + alpha * colour[covered].astype(np.float64)
+    blend = (1 - alpha) * thumb[covered].astype(np.float64) + alpha * colour[covered].astype(
+        np.float64
+    )
     out[covered] = np.clip(np.round(blend), 0, 255).astype(np.uint8)
+    return out
+
+
+def add_colour_bar(
+    img: np.ndarray,
+    lines: list[str],
+    colormap: int = cv2.COLORMAP_JET,
+    low: str = "low",
+    high: str = "high",
+    caption: str = "attention: percentile rank within the slide",
+    max_px: int | None = None,
+) -> np.ndarray:
+    """`img` (h, w, 3) uint8 RGB with a legend strip beneath: `lines` of text (ASCII), then a
+    colour bar of `colormap` labelled `low` .. `high` and `caption`. With `max_px`, the result
+    is scaled down to fit max_px on its longest side. Returns a new RGB uint8 image."""
+    h, w = img.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    fs = float(np.clip(w / 1000.0, 0.35, 0.8))
+    thick = 1 if fs < 0.6 else 2
+    (_, th), base = cv2.getTextSize("Ag", font, fs, thick)
+    line_h = th + base + max(4, int(th * 0.6))
+    pad = max(6, int(0.02 * w))
+    bar_h = max(8, int(1.1 * th))
+    strip_h = pad + line_h * (len(lines) + 1) + bar_h + pad
+    strip = np.full((strip_h, w, 3), 255, np.uint8)
+    y = pad + th
+    for text in lines:
+        cv2.putText(strip, text, (pad, y), font, fs, (20, 20, 20), thick, cv2.LINE_AA)
+        y += line_h
+    (lw, _), _ = cv2.getTextSize(low, font, fs, thick)
+    (hw, _), _ = cv2.getTextSize(high, font, fs, thick)
+    x0, x1 = pad + lw + pad, max(pad + lw + pad + 10, w - pad - hw - pad)
+    ramp = np.linspace(0, 255, max(1, x1 - x0)).astype(np.uint8)[None, :]
+    bar = cv2.cvtColor(cv2.applyColorMap(np.repeat(ramp, bar_h, 0), colormap), cv2.COLOR_BGR2RGB)
+    yb = y - th
+    strip[yb : yb + bar_h, x0 : x0 + bar.shape[1]] = bar[:, : max(0, min(bar.shape[1], w - x0))]
+    cv2.rectangle(strip, (x0, yb), (x0 + bar.shape[1] - 1, yb + bar_h - 1), (90, 90, 90), 1)
+    cv2.putText(strip, low, (pad, yb + bar_h - 1), font, fs, (20, 20, 20), thick, cv2.LINE_AA)
+    cv2.putText(strip, high, (x1 + pad, yb + bar_h - 1), font, fs, (20, 20, 20), thick, cv2.LINE_AA)
+    cv2.putText(
+        strip,
+        caption,
+        (x0, yb + bar_h + line_h - base),
+        font,
+        fs * 0.9,
+        (70, 70, 70),
+        1,
+        cv2.LINE_AA,
+    )
+    out = np.concatenate([img, strip], axis=0)
+    if max_px is not None and max(out.shape[:2]) > max_px:
+        f = max_px / max(out.shape[:2])
+        size = (max(1, round(out.shape[1] * f)), max(1, round(out.shape[0] * f)))
+        out = cv2.resize(out, size, interpolation=cv2.INTER_AREA)
     return out
 
 
@@ -97,8 +154,9 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _slide_path(layout: RunLayout, slide_id: str, store_path_attr: str | None,
-                override: str | None) -> tuple[str, float | None, str]:
+def _slide_path(
+    layout: RunLayout, slide_id: str, store_path_attr: str | None, override: str | None
+) -> tuple[str, float | None, str]:
     if override:
         return override, None, "auto"
     if layout.slides_table.exists():
@@ -107,8 +165,10 @@ def _slide_path(layout: RunLayout, slide_id: str, store_path_attr: str | None,
                 return e.path, e.mpp, "auto"
     if store_path_attr:
         return store_path_attr, None, "auto"
-    raise ConfigError(f"slide {slide_id}: its file is not in {layout.slides_table} nor in the feature "
-                      "store; pass --slide-path")
+    raise ConfigError(
+        f"slide {slide_id}: its file is not in {layout.slides_table} nor in the feature "
+        "store; pass --slide-path"
+    )
 
 
 @dataclass(frozen=True)
@@ -134,16 +194,22 @@ def heatmap(
 ) -> HeatmapResult:
     """Attention heatmap (PNG) and the `top_k` most attended tiles of one slide of `run_dir`,
     with the fold models of `model_dir` averaged. Tiles are saved at most `tile_out_px` wide."""
-    from wsi_pipe.mil.train import resolve_device
     from wsi_pipe.readers import open_slide
-    from wsi_pipe.stages.train_mil import ensemble_predict, load_trained
+    from wsi_pipe.mil.trained import ensemble_predict, load_trained
+    from wsi_pipe.torchutil import resolve_device
 
     layout = RunLayout(run_dir)
     dev = resolve_device(device)
     trained = load_trained(model_dir, dev)
     info = trained.info
-    bags, _ = bags_from_entries(layout, [SlideEntry(slide_id, "", slide_id)], info["feature_set"],
-                                float(info["mpp"]), classes=trained.classes, require_labels=False)
+    bags, _ = bags_from_entries(
+        layout,
+        [SlideEntry(slide_id, "", slide_id)],
+        info["feature_set"],
+        float(info["mpp"]),
+        classes=trained.classes,
+        require_labels=False,
+    )
     bag = bags[0]
     feats, coords = bag.load()
     if coords is None or len(coords) == 0:
@@ -166,6 +232,19 @@ def heatmap(
     with open_slide(path, backend=backend, mpp_override=mpp_override, slide_id=slide_id) as reader:
         thumb = reader.get_thumbnail(max_px)
         img = render_heatmap(thumb, coords, tile_l0, att, reader.dimensions, alpha)
+        probs_now = {c: float(v) for c, v in zip(trained.classes, prob[0], strict=True)}
+        pred_txt = ", ".join(f"P({c}) = {v:.3f}" for c, v in probs_now.items())
+        img = add_colour_bar(
+            img,
+            [
+                f"{slide_id}: {pred_txt}",
+                f"{name}: attention and P averaged over {len(trained.models)} fold models, "
+                f"{len(att)} tiles",
+            ],
+            low="lowest",
+            high="highest",
+            max_px=max(max_px, max(img.shape[:2])),
+        )
         png = out_dir / f"{slide_id}.png"
         atomic_write_bytes(png, encode_png(img))
         ds = max(1.0, tile_l0 / tile_out_px)
