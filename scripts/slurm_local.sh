@@ -8,7 +8,7 @@
 #
 # Environment: SLURM_LOCAL_NO_INSTALL=1 never runs apt-get (exit 3 when Slurm is missing).
 # Exit codes: 0 ok, 3 Slurm not installed and cannot be installed, 4 cluster did not come up.
-set -euo pipefail
+set -Eeuo pipefail
 
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
@@ -19,6 +19,8 @@ MUNGE_PID=/run/munge/munged.pid
 NODE=localhost
 
 log() { echo "[slurm_local] $*" >&2; }
+# say which command failed (set -e alone exits silently, and the tests show only stderr)
+trap 'rc=$?; log "failed (exit $rc) at line $LINENO: $BASH_COMMAND"' ERR
 
 pid_alive() {  # pid_alive PIDFILE -> 0 if the process in PIDFILE runs
   [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
@@ -43,7 +45,7 @@ install_if_missing() {
 render_conf() {
   # the node line as slurmd itself detects it (CPUs, sockets, cores, threads, RealMemory)
   local hw cpus mem
-  hw=$(slurmd -C 2>/dev/null | head -n1)
+  hw=$(slurmd -C 2>/dev/null | head -n1 || true)
   cpus=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$hw"); cpus=${cpus:-$(nproc)}
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
   mem=${mem:-$(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,18 @@ def wsi_dir(shared_data: Path) -> Path:
 def _quiet_third_party_logs() -> None:
     for name in ("PIL", "tifffile", "numcodecs", "zarr", "asyncio"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def in_ci() -> bool:
+    """True under a CI runner (`CI=true`, set by GitHub Actions, GitLab CI and `.ci/run` users)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail_in_ci(reason: str) -> None:
+    """Skip the test locally; under CI fail it, so a broken prerequisite cannot pass as a skip.
+
+    Use it only where CI provides the prerequisite (e.g. Slurm, which `.ci/run` installs).
+    """
+    if in_ci():
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)

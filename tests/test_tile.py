@@ -181,3 +181,34 @@ def test_manifest_mpp_override_and_cli_exit_codes(wsi_dir, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 1
     assert "failed" in p.stdout and "--mpp-override" in p.stdout
+
+
+def test_qc_thumbnail_reads_the_coarsest_adequate_level():
+    """The QC picture never costs a fine-level read: 1,250 px is enough for a 1,600-px QC."""
+    from wsi_pipe.stages.tile import _qc_thumbnail
+
+    class Spy:
+        level_dimensions = [(20000, 16000), (5000, 4000), (1250, 1000), (312, 250)]
+        reads: list = []
+
+        def read_level_resized(self, level, size):
+            self.reads.append((level, size))
+            return np.zeros((size[1], size[0], 3), np.uint8)
+
+    spy = Spy()
+    assert _qc_thumbnail(spy, 1600).shape == (1000, 1250, 3)  # level 2 as it is
+    assert _qc_thumbnail(spy, 1000).shape == (800, 1000, 3)  # level 2, shrunk to 1,000 px
+    assert _qc_thumbnail(spy, 4000).shape == (3200, 4000, 3)  # level 1, shrunk
+    assert [lv for lv, _ in spy.reads] == [2, 2, 1]
+    one = type("One", (Spy,), {"level_dimensions": [(900, 700)], "reads": []})()
+    assert _qc_thumbnail(one, 1600).shape == (700, 900, 3)  # a one-level slide: level 0
+
+
+def test_qc_image_has_caption_and_tiles(rect_slide, tmp_path):
+    import cv2
+
+    _tile([rect_slide], tmp_path, target_mpps=(0.5,), min_tissue_fraction=0.5)
+    qc = cv2.imread(str(RunLayout(tmp_path).qc_png("rect")))
+    assert qc.shape[1] == 1600 and qc.shape[0] > 1600  # the thumbnail plus the caption strip
+    info = json.loads(RunLayout(tmp_path).state_file("tile", "rect").read_text())
+    assert "OD >" in info["info"]["segmentation"], info

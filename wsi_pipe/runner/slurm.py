@@ -42,6 +42,10 @@ FINISHED_STATES = frozenset({
 })
 
 
+#: the line of every rendered script that sets the task's OpenMP threads from its Slurm CPUs
+OMP_THREADS_LINE = "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"
+
+
 class SlurmError(WsiPipeError, RuntimeError):
     """A Slurm command failed or is not available."""
 
@@ -137,9 +141,10 @@ def render_script(spec: JobSpec, layout: RunLayout, *, python: str | None = None
         "export PYTHONUNBUFFERED=1",
     ]
     # a task's torch / BLAS threads match the CPUs Slurm gave it (oversubscribed OpenMP threads
-    # of tasks sharing a node slow each other down many times over)
-    lines.append("export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-"
-                 "${SLURM_CPUS_ON_NODE:-1}}}")
+    # of tasks sharing a node slow each other down many times over). Set, never inherited: sbatch
+    # exports the submitter's environment, whose OMP_NUM_THREADS describes the login node. A
+    # value wanted on purpose goes in `JobSpec.env`, exported below (after this line).
+    lines.append(OMP_THREADS_LINE)
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(spec.env.items())]
     lines += [
         'echo "[wsi-pipe] job ${SLURM_JOB_ID:-?} task ${SLURM_ARRAY_TASK_ID:-none}'

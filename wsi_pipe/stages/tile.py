@@ -59,6 +59,17 @@ def _segmentation_image(reader: Any, seg_mpp: float) -> tuple[np.ndarray, tuple[
     return img, (out_w / w0, out_h / h0)
 
 
+def _qc_thumbnail(reader: Any, qc_px: int) -> np.ndarray:
+    """The slide for the QC image, longest side <= `qc_px`, from the coarsest pyramid level with
+    a longest side of at least 0.75 x `qc_px` (a finer level would cost a large read for a
+    picture: 5,000^2 px instead of 1,250^2 on a 20,000-px slide with downsamples 1, 4, 16)."""
+    sides = [max(int(w), int(h)) for w, h in reader.level_dimensions]
+    level = max(i for i, side in enumerate(sides) if side >= 0.75 * qc_px or i == 0)
+    w, h = (int(v) for v in reader.level_dimensions[level])
+    f = min(1.0, qc_px / max(w, h))
+    return reader.read_level_resized(level, (max(1, round(w * f)), max(1, round(h * f))))
+
+
 class _Grid:
     """One target-mpp grid of one slide (all sizes in level-0 px unless suffixed)."""
 
@@ -124,7 +135,7 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
             qc_img = seg_img if f == 1.0 else cv2.resize(seg_img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
         else:
             t1 = time.perf_counter()
-            qc_img = reader.get_thumbnail(qc_px)
+            qc_img = _qc_thumbnail(reader, qc_px)
             t_io += time.perf_counter() - t1
         meta = {
             "backend": reader.backend, "vendor": reader.vendor, "mpp_source": reader.mpp_source,
@@ -172,7 +183,8 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
     log.info("%s: %s tiles at mpp %s (%s, %.2f s)", entry.slide_id, n_tiles, mpp, meta["backend"], total)
     return {
         "tiles": n_tiles, "level0_mpp": mpp, "backend": meta["backend"], "seg_mpp": seg_mpp,
-        "tissue_px": int(tissue.mask.sum()), "seconds_io": round(t_io, 4),
+        "tissue_px": int(tissue.mask.sum()), "segmentation": qc_caption(tissue),
+        "seconds_io": round(t_io, 4),
         "seconds_total": round(total, 4),
     }
 
@@ -207,7 +219,9 @@ def _write_coords_store(layout: RunLayout, entry: SlideEntry, cfg: TileConfig, g
 def draw_qc(thumb: np.ndarray, tissue: Any, seg_scale: tuple[float, float], coords: np.ndarray,
             tile_size_l0: float, dims_l0: tuple[int, ...]) -> np.ndarray:
     """QC image: thumbnail (RGB uint8) with tissue contours (green), holes (blue), pen (magenta)
-    and kept tiles (red). Polygons are in segmentation px (`seg_scale` = seg px per level-0 px)."""
+    and kept tiles (red), and below it a caption with the segmentation's glass reference and
+    threshold (`qc_caption`). Polygons are in segmentation px (`seg_scale` = seg px per level-0
+    px)."""
     img = np.ascontiguousarray(thumb[..., :3].copy())
     tx, ty = img.shape[1] / dims_l0[0], img.shape[0] / dims_l0[1]  # thumb px per level-0 px
     if tissue.pen_mask is not None and tissue.pen_mask.any():
@@ -224,7 +238,29 @@ def draw_qc(thumb: np.ndarray, tissue: Any, seg_scale: tuple[float, float], coor
         p0 = (int(math.floor(x * tx)), int(math.floor(y * ty)))
         p1 = (int(math.floor((x + tile_size_l0) * tx)), int(math.floor((y + tile_size_l0) * ty)))
         cv2.rectangle(img, p0, p1, (220, 0, 0), 1)
-    return img
+    return _caption(img, qc_caption(tissue))
+
+
+def qc_caption(tissue: Any) -> str:
+    """One line saying how the mask was made: the glass reference and the threshold."""
+    method = getattr(tissue, "method", "saturation")
+    frac = f"tissue {tissue.tissue_fraction:.0%}"
+    if method == "optical_density":
+        r, g, b = (int(round(v)) for v in tissue.background_rgb)
+        ref = f"glass RGB {r},{g},{b}" if tissue.glass_found else "no glass in view (vs white)"
+        return f"{frac} | OD > {tissue.threshold:.3f} vs {ref}"
+    return f"{frac} | saturation > {tissue.threshold:.0f}"
+
+
+def _caption(img: np.ndarray, text: str) -> np.ndarray:
+    """`img` with a white strip below it holding `text` (the image itself is not covered)."""
+    scale = max(0.35, min(1.0, img.shape[1] / 1200))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    f = min(1.0, (img.shape[1] - 8) / max(1, tw))  # narrow images: shrink the text to fit
+    strip = np.full((int((th + base) * f) + 8, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(strip, text, (4, int(th * f) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale * f, (0, 0, 0),
+                1, cv2.LINE_AA)
+    return np.concatenate([img, strip], axis=0)
 
 
 def run_tile(inputs: list[str], out: str | Path, cfg: TileConfig, *, workers: int = 1,
