@@ -56,7 +56,7 @@ def test_three_commands_verbatim_from_a_slides_folder(tmp_path, cohort, monkeypa
     code, out = _cli("tile", "slides/")
     assert code == 0, out
     lay = RunLayout(proj)
-    assert lay.slides_table.is_file() and lay.tile_mpps() == [0.5]
+    assert lay.marker.is_file() and lay.slides_table.is_file() and lay.tile_mpps() == [0.5]
     assert len(list(lay.tiles_dir(0.5).glob("*.h5"))) == N_SLIDES
 
     code, out = _cli("extract", "--encoder", "ssmamba.pt")

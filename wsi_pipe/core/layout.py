@@ -163,7 +163,19 @@ class RunLayout:
         return self.root / "heatmaps"
 
     def heatmap_dir(self, name: str) -> Path:
-        return self.root / "heatmaps" / name
+        return self.heatmaps_root / name
+
+    def heatmap_png(self, name: str, slide_id: str) -> Path:
+        """Attention colour map over the slide thumbnail, with its legend and colour bar."""
+        return self.heatmap_dir(name) / f"{slide_id}.png"
+
+    def heatmap_attention_csv(self, name: str, slide_id: str) -> Path:
+        """Per-tile attention: x, y (level-0 px), attention, rank."""
+        return self.heatmap_dir(name) / f"{slide_id}_attention.csv"
+
+    def heatmap_top_tiles_dir(self, name: str, slide_id: str) -> Path:
+        """The k most attended tiles, `rank<r>_x<x>_y<y>.png`."""
+        return self.heatmap_dir(name) / f"{slide_id}_top"
 
     # ---- anomaly (`wsi-pipe anomaly fit|score`)
     @property

@@ -59,7 +59,7 @@ def _choose_heatmap_slides(
 
 def heatmaps(ctx: Ctx) -> str | None:
     """Attention heatmaps with a colour bar and the top tiles, per MIL run."""
-    top = ctx.layout.root / "heatmaps"
+    top = ctx.layout.heatmaps_root
     names = sorted(d.name for d in top.iterdir() if d.is_dir()) if top.is_dir() else []
     if ctx.heatmap_slides:
         names = sorted(set(names) | {d.name for d in mil_runs(ctx.layout)})
@@ -74,7 +74,7 @@ def heatmaps(ctx: Ctx) -> str | None:
         chosen, why = _choose_heatmap_slides(ctx, available, preds, classes)
         items = []
         for sid in chosen:
-            png: Path | None = hdir / f"{sid}.png"
+            png: Path | None = ctx.layout.heatmap_png(name, sid)
             if png is None or not png.exists():
                 png = _make_heatmap(ctx, mdir, sid)
                 if png is None:
@@ -167,9 +167,9 @@ def _heatmap_item(
                 f"out-of-fold: test slide of fold {esc(pred.get('fold'))} (the map and its "
                 "legend average every fold model)"
             )
-    atts = _attention_rows(hdir / f"{sid}_attention.csv")
+    atts = _attention_rows(ctx.layout.heatmap_attention_csv(name, sid))
     tiles = []
-    for t in sorted((hdir / f"{sid}_top").glob("rank*.png"))[:8]:
+    for t in sorted(ctx.layout.heatmap_top_tiles_dir(name, sid).glob("rank*.png"))[:8]:
         mt = re.match(r"rank(\d+)_x(\d+)_y(\d+)", t.stem)
         rank = int(mt.group(1)) if mt else 0
         tim = add_image(ctx, t, f"top_{name}_{sid}_{t.stem}", 192, f"rank {rank} tile of {sid}")

@@ -23,6 +23,7 @@ from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_text
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry, load_slide_table
 from wsi_pipe.mil.data import bags_from_entries
+from wsi_pipe.mil.ordering import infer_stride_l0
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,6 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
         return np.ones_like(s)
     _, inv = np.unique(s, return_inverse=True)
     return inv / max(1, inv.max())
-
-
-def infer_tile_size_l0(coords_l0: np.ndarray) -> int:
-    """Grid stride of the tiles in level-0 px (when the store does not give the tile size)."""
-    rel = np.asarray(coords_l0, dtype=np.int64) - np.asarray(coords_l0, dtype=np.int64).min(0)
-    nz = np.unique(rel[rel > 0])
-    return int(np.gcd.reduce(nz)) if len(nz) else 256
 
 
 def render_heatmap(
@@ -194,8 +188,8 @@ def heatmap(
 ) -> HeatmapResult:
     """Attention heatmap (PNG) and the `top_k` most attended tiles of one slide of `run_dir`,
     with the fold models of `model_dir` averaged. Tiles are saved at most `tile_out_px` wide."""
-    from wsi_pipe.readers import open_slide
     from wsi_pipe.mil.trained import ensemble_predict, load_trained
+    from wsi_pipe.readers import open_slide
     from wsi_pipe.torchutil import resolve_device
 
     layout = RunLayout(run_dir)
@@ -217,16 +211,16 @@ def heatmap(
     prob, atts = ensemble_predict(trained, bags, dev, with_attention=True)
     att = atts[0]
     path, mpp_override, backend = _slide_path(layout, slide_id, bag.slide_path, slide_path)
-    tile_l0 = float(bag.tile_size_l0 or infer_tile_size_l0(coords))
+    # no tile size stored: the grid stride (exact for non-integer strides, unlike a gcd)
+    tile_l0 = float(bag.tile_size_l0 or (infer_stride_l0(coords) if len(coords) > 1 else 256))
     name = Path(model_dir).name
-    out_dir = layout.heatmap_dir(name)
     order = np.argsort(-att, kind="stable")
     rank = np.empty(len(att), dtype=np.int64)
     rank[order] = np.arange(1, len(att) + 1)
     lines = ["x,y,attention,rank"] + [
         f"{int(x)},{int(y)},{a:.8g},{r}" for (x, y), a, r in zip(coords, att, rank, strict=True)
     ]
-    csv_path = out_dir / f"{slide_id}_attention.csv"
+    csv_path = layout.heatmap_attention_csv(name, slide_id)
     atomic_write_text(csv_path, "\n".join(lines) + "\n")
     tiles: list[Path] = []
     with open_slide(path, backend=backend, mpp_override=mpp_override, slide_id=slide_id) as reader:
@@ -245,7 +239,7 @@ def heatmap(
             high="highest",
             max_px=max(max_px, max(img.shape[:2])),
         )
-        png = out_dir / f"{slide_id}.png"
+        png = layout.heatmap_png(name, slide_id)
         atomic_write_bytes(png, encode_png(img))
         ds = max(1.0, tile_l0 / tile_out_px)
         level = reader.best_level_for_downsample(ds)
@@ -256,7 +250,7 @@ def heatmap(
             tile = reader.read_region((x, y), level, (size_lvl, size_lvl))
             if tile.shape[0] > tile_out_px:
                 tile = cv2.resize(tile, (tile_out_px, tile_out_px), interpolation=cv2.INTER_AREA)
-            p = out_dir / f"{slide_id}_top" / f"rank{r:02d}_x{x}_y{y}.png"
+            p = layout.heatmap_top_tiles_dir(name, slide_id) / f"rank{r:02d}_x{x}_y{y}.png"
             atomic_write_bytes(p, encode_png(tile))
             tiles.append(p)
     probs = {c: float(v) for c, v in zip(trained.classes, prob[0], strict=True)}

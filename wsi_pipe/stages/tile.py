@@ -273,6 +273,7 @@ def run_tile(inputs: list[str], out: str | Path, cfg: TileConfig, *, workers: in
     """
     from functools import partial
 
+    from wsi_pipe import __version__
     from wsi_pipe.core.config import dump_config
     from wsi_pipe.core.fsutil import atomic_write_text
     from wsi_pipe.core.manifest import discover, save_slide_table
@@ -281,6 +282,8 @@ def run_tile(inputs: list[str], out: str | Path, cfg: TileConfig, *, workers: in
     layout = RunLayout(out)
     entries = discover(list(inputs))
     layout.root.mkdir(parents=True, exist_ok=True)
+    if not layout.marker.exists():  # makes the folder a run that later commands find upwards
+        atomic_write_text(layout.marker, f"wsi-pipe {__version__} run folder\n")
     atomic_write_text(layout.config("tile"), dump_config(cfg))
     save_slide_table(layout.slides_table, entries)
     return run_slides(
