@@ -408,3 +408,205 @@ def write_pyramidal_tiff(
                     **common,  # type: ignore[arg-type]
                 )
     return SyntheticSlideInfo(path, float(mpp), dims, dss, vendor)
+
+
+# ------------------------------------------------------------- semi-real slides (anomalies)
+def load_patches(folder: str | Path, limit: int | None = None) -> list[np.ndarray]:
+    """RGB uint8 patches (h, w, 3) of every image file in `folder` (sorted; TIFF/PNG/JPEG)."""
+    import tifffile
+
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        suf = p.suffix.lower()
+        if suf in (".tif", ".tiff"):
+            img = np.asarray(tifffile.imread(p))
+        elif suf in (".png", ".jpg", ".jpeg"):
+            img = cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        else:
+            continue
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        out.append(np.ascontiguousarray(img[..., :3].astype(np.uint8)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+class PatchMosaicTexture:
+    """Real texture from a pool of equal-size RGB patches (e.g. 150 x 150 px H&E tiles).
+
+    The plane is cut into square cells of `patch side x scale` level-0 px; each cell shows one
+    patch of the pool, chosen and flipped/transposed by a hash of the cell (seeded), so a slide is
+    a mosaic of real tissue. `scale` = level-0 px per patch px. Lower levels sample a mip-map of
+    the pool (averages, no aliasing). Fully vectorised over the requested pixels.
+    """
+
+    def __init__(self, patches: Sequence[np.ndarray], scale: float = 1.0, seed: int = 0) -> None:
+        if not patches:
+            raise ValueError("PatchMosaicTexture needs at least one patch")
+        side = min(min(p.shape[0], p.shape[1]) for p in patches)
+        side = 1 << int(math.floor(math.log2(side)))  # power of two: clean mip levels
+        stack = np.stack([cv2.resize(np.ascontiguousarray(p[..., :3]), (side, side),
+                                     interpolation=cv2.INTER_AREA) for p in patches])
+        self.side, self.scale, self.seed = side, float(scale), int(seed)
+        self._mips = [stack.astype(np.float32)]
+        while self._mips[-1].shape[1] > 1:
+            m = self._mips[-1]
+            self._mips.append(0.25 * (m[:, 0::2, 0::2] + m[:, 1::2, 0::2] + m[:, 0::2, 1::2] + m[:, 1::2, 1::2]))
+
+    def __call__(self, xs: np.ndarray, ys: np.ndarray, ds: float) -> np.ndarray:
+        cell = self.side * self.scale
+        lvl = int(np.clip(math.floor(math.log2(max(ds / self.scale, 1.0))), 0, len(self._mips) - 1))
+        mip = self._mips[lvl]
+        n, s = mip.shape[0], mip.shape[1]
+        cx, cy = np.floor(xs / cell).astype(np.int64), np.floor(ys / cell).astype(np.int64)
+        h = _hash2(cx[None, :], cy[:, None], self.seed)  # (h, w)
+        pid = (h % n).astype(np.int64)
+        flip = (h >> 8) & 3
+        u = np.floor((xs - cx * cell) / (self.scale * 2**lvl)).astype(np.int64).clip(0, s - 1)
+        v = np.floor((ys - cy * cell) / (self.scale * 2**lvl)).astype(np.int64).clip(0, s - 1)
+        uu = np.broadcast_to(u[None, :], pid.shape)
+        vv = np.broadcast_to(v[:, None], pid.shape)
+        uu = np.where(flip & 1, s - 1 - uu, uu)
+        vv = np.where(flip & 2, s - 1 - vv, vv)
+        return mip[pid, vv, uu]
+
+
+def pen_transmission(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Real ink as a multiplicative layer: (h, w, 3) float32 in (0, 1], the ink pixels of a pen
+    image divided by the image's clean background colour (1 outside the mask)."""
+    m = np.asarray(mask).astype(bool)
+    if m.ndim == 3:
+        m = m[..., 0]
+    img = np.asarray(image, np.float32)[..., :3]
+    bg = img[~m].mean(0) if (~m).any() else np.full(3, 255.0, np.float32)
+    t = np.ones_like(img)
+    t[m] = np.clip(img[m] / np.maximum(bg, 1.0), 0.05, 1.0)
+    return t
+
+
+INSERTION_KINDS = ("tissue", "blur", "pen", "fold", "bubble")
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """An anomaly painted over the tissue inside `shape` (level-0 px).
+
+    kind: "tissue" (another `texture`), "blur" (Gaussian blur, `sigma_l0` level-0 px), "pen"
+    (the tissue times a tiled real-ink transmission layer `ink`, `ink_scale` level-0 px per ink
+    px), "fold" (tissue folded onto itself: multiplied with a shifted copy, darker and denser),
+    "bubble" (an air bubble: washed-out tissue with a dark refractive rim).
+    """
+
+    shape: Shape
+    kind: str
+    texture: Texture | None = None
+    sigma_l0: float = 12.0
+    ink: np.ndarray | None = None
+    ink_scale: float = 1.0
+    label: str = ""
+
+    @property
+    def cls(self) -> str:
+        return self.label or self.kind
+
+
+class CompositePainter:
+    """Tissue in `shapes` minus `holes` with a (real) `texture`, plus `insertions` with known
+    masks, on white.
+
+    `insertion_mask(i, ...)` gives the exact truth of insertion i (its shape inside the tissue)
+    at any level, like `ShapePainter.region_mask`.
+    """
+
+    def __init__(self, shapes: Sequence[Shape], texture: Texture,
+                 insertions: Sequence[Insertion] = (), holes: Sequence[Shape] = (),
+                 background: tuple[int, int, int] = WHITE) -> None:
+        for ins in insertions:
+            if ins.kind not in INSERTION_KINDS:
+                raise ValueError(f"unknown insertion kind {ins.kind!r}; choose one of {INSERTION_KINDS}")
+            if ins.kind == "tissue" and ins.texture is None:
+                raise ValueError("a 'tissue' insertion needs a texture")
+            if ins.kind == "pen" and ins.ink is None:
+                raise ValueError("a 'pen' insertion needs an ink layer (pen_transmission)")
+        self.base = ShapePainter(shapes, texture, holes=holes, background=background)
+        self.texture = texture
+        self.insertions = list(insertions)
+        self.background = np.asarray(background, np.float32)
+
+    def tissue_mask(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+        return self.base.tissue_mask(x0, y0, w, h, ds)
+
+    def insertion_mask(self, index: int, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+        """bool (h, w): pixel centres in tissue and inside insertion `index`."""
+        xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
+        return self.base.tissue_mask(x0, y0, w, h, ds) & (self.insertions[index].shape.sdf(xs, ys) > 0)
+
+    def _colour(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+        xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
+        return np.asarray(self.texture(xs, ys, ds), np.float32)
+
+    def __call__(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+        d = self.base.sdf(x0, y0, w, h, ds)
+        cover = np.clip(d / max(ds, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+        if not cover.any():
+            return np.full((h, w, 3), self.background.astype(np.uint8), np.uint8)
+        colour = self._colour(x0, y0, w, h, ds)
+        xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
+        for ins in self.insertions:
+            sd = ins.shape.sdf(xs, ys)
+            a = np.clip(sd / max(ds, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)[..., None]
+            if not a.any():
+                continue
+            if ins.kind == "tissue":
+                new = np.asarray(ins.texture(xs, ys, ds), np.float32)  # type: ignore[misc]
+            elif ins.kind == "blur":
+                sig = max(0.5, ins.sigma_l0 / ds)
+                m = int(math.ceil(3 * sig))
+                ext = self._colour(x0 - m * ds, y0 - m * ds, w + 2 * m, h + 2 * m, ds)
+                new = cv2.GaussianBlur(ext, (0, 0), sig)[m:m + h, m:m + w]
+            elif ins.kind == "pen":
+                ink = ins.ink
+                assert ink is not None
+                ih, iw = ink.shape[:2]
+                u = (np.floor(xs / (ins.ink_scale)).astype(np.int64)) % (2 * iw)
+                v = (np.floor(ys / (ins.ink_scale)).astype(np.int64)) % (2 * ih)
+                u = np.where(u >= iw, 2 * iw - 1 - u, u)  # mirrored tiling: no seams
+                v = np.where(v >= ih, 2 * ih - 1 - v, v)
+                new = colour * ink[v[:, None], u[None, :]]
+            elif ins.kind == "fold":
+                shift = 0.37 * (ins.shape.r if isinstance(ins.shape, Disc) else (ins.shape.x1 - ins.shape.x0))
+                under = self._colour(x0 + shift, y0 + shift * 0.6, w, h, ds)
+                new = colour * under / 255.0 * 0.95
+            else:  # bubble
+                r = ins.shape.r if isinstance(ins.shape, Disc) else 0.5 * min(
+                    ins.shape.x1 - ins.shape.x0, ins.shape.y1 - ins.shape.y0)
+                rim = np.exp(-((sd / max(0.06 * r, ds)) ** 2))[..., None].astype(np.float32)
+                washed = 0.45 * colour + 0.55 * 245.0
+                new = washed * (1 - 0.75 * rim) + 60.0 * 0.75 * rim
+            colour = colour * (1 - a) + new * a
+        out = self.background * (1.0 - cover[..., None]) + colour * cover[..., None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def shape_polygon(shape: Shape, n_vertices: int = 64) -> np.ndarray:
+    """Closed polygon (k, 2) level-0 px of a Disc (regular n-gon) or Rect (4 corners)."""
+    if isinstance(shape, Disc):
+        t = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)
+        pts = np.stack([shape.cx + shape.r * np.cos(t), shape.cy + shape.r * np.sin(t)], 1)
+    else:
+        pts = np.array([[shape.x0, shape.y0], [shape.x1, shape.y0], [shape.x1, shape.y1], [shape.x0, shape.y1]])
+    return np.concatenate([pts, pts[:1]])
+
+
+def insertions_geojson(insertions: Sequence[Insertion], slide_id: str) -> dict:
+    """QuPath GeoJSON FeatureCollection of the insertions (class = insertion kind or label).
+    The polygons are the insertion shapes; tissue clipping is left to the tile labelling."""
+    feats = []
+    for ins in insertions:
+        feats.append({
+            "type": "Feature", "id": f"{slide_id}-{len(feats)}",
+            "geometry": {"type": "Polygon", "coordinates": [shape_polygon(ins.shape).round(2).tolist()]},
+            "properties": {"objectType": "annotation", "classification": {"name": ins.cls}},
+        })
+    return {"type": "FeatureCollection", "features": feats}

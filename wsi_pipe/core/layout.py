@@ -189,6 +189,10 @@ class RunLayout:
         """Checkpoint of one fitted anomaly model (weights + config + provenance)."""
         return self.anomaly_dir(name) / "model.pt"
 
+    def anomaly_fit_resume(self, name: str) -> Path:
+        """Training checkpoint of an unfinished `anomaly fit` (removed once model.pt exists)."""
+        return self.anomaly_dir(name) / "model.resume.pt"
+
     def anomaly_config(self, name: str) -> Path:
         return self.anomaly_dir(name) / "config.yaml"
 

@@ -47,6 +47,7 @@ from wsi_pipe.core.errors import (
     StoreSchemaError,
     WsiPipeError,
 )
+from wsi_pipe.core.fsutil import file_hash
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry
 from wsi_pipe.stages.tile_dataset import TilePool, TileSource, worker_context
@@ -82,13 +83,6 @@ class EncoderBundle:
     channels_last: bool = False
 
 
-def file_hash(path: str | Path, n_hex: int = 16) -> str:
-    """sha256 (first `n_hex` hex digits) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:n_hex]
 
 
 

@@ -7,11 +7,16 @@ One store file (``.h5``) or directory (``.zarr``) per slide and grid. Layout:
     parent_index      int64   (N,)    row of the enclosing tile in the next coarser
                                       grid of the same run, -1 for the coarsest grid [coords stores]
     features          float32|float16 (N, D), same row order as coords               [feature stores]
+    anomaly_score     float32 (N,)    smoothed, calibrated anomaly map value per tile [anomaly stores]
+    anomaly_parts     float32 (N, P)  raw per-tile parts of the map; array attr
+                                      `part_names` (P,)                              [anomaly stores]
 
-Root attributes: `schema_version`, `kind` ("coords" | "features"), `slide_id`, `slide_path`,
+Root attributes: `schema_version`, `kind` ("coords" | "features" | "anomaly_scores"), `slide_id`, `slide_path`,
 `backend` (reader), `level0_mpp`, `target_mpp`, `tile_px`, `overlap_px`, `read_level`,
 `read_size_px`, `tile_size_level0`, `level0_width`, `level0_height`, `parent_mpp` (or -1),
-`config_hash`; feature stores add `encoder`, `weights_hash`, `precision`, `embed_dim`.
+`config_hash`; feature stores add `encoder`, `weights_hash`, `precision`, `embed_dim`; anomaly score
+stores add `anomaly_model`, `model_hash`, `method`, `feature_set`, `slide_score` and
+`slide_score_parts` (JSON text).
 
 The `coords` array also carries the attributes CLAM and TRIDENT consumers read: `patch_size`,
 `patch_level`, `downsample`, `downsampled_level_dim`, `level_dim`, `patch_size_level0`,
@@ -35,20 +40,26 @@ COORDS = "coords"
 TISSUE_FRACTION = "tissue_fraction"
 PARENT_INDEX = "parent_index"
 FEATURES = "features"
+ANOMALY_SCORE = "anomaly_score"
+ANOMALY_PARTS = "anomaly_parts"
 
 KIND_COORDS = "coords"
 KIND_FEATURES = "features"
+KIND_ANOMALY = "anomaly_scores"
 
 DTYPES: dict[str, tuple[str, ...]] = {
     COORDS: ("int64",),
     TISSUE_FRACTION: ("float32",),
     PARENT_INDEX: ("int64",),
     FEATURES: ("float32", "float16"),
+    ANOMALY_SCORE: ("float32",),
+    ANOMALY_PARTS: ("float32",),
 }
 
 REQUIRED: dict[str, tuple[str, ...]] = {
     KIND_COORDS: (COORDS, TISSUE_FRACTION, PARENT_INDEX),
     KIND_FEATURES: (COORDS, FEATURES),
+    KIND_ANOMALY: (COORDS, ANOMALY_SCORE),
 }
 
 REQUIRED_ATTRS = ("schema_version", "kind", "slide_id", "level0_mpp", "target_mpp", "tile_px")
