@@ -21,7 +21,7 @@ StoreBackend = Literal["h5", "zarr"]
 ReaderBackend = Literal["auto", "openslide", "tiffslide"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
-ScanBackend = Literal["auto", "torch", "cuda", "sequential"]
+ScanBackend = Literal["auto", "torch", "numba", "triton", "cuda", "sequential"]
 
 
 class FrozenModel(BaseModel):
@@ -132,7 +132,13 @@ class FinetuneConfig(FrozenModel):
     lr: float = Field(1e-3, gt=0)
     backbone_lr: float = Field(1e-5, ge=0)
     train_backbone: bool = False
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="validation share (model selection)")
+    test_fraction: float = Field(
+        0.2, ge=0, lt=1, description="test share, never seen by model selection; 0 = no test split"
+    )
+    group_regex: str | None = Field(
+        None, description="regex on file names giving each example's group (e.g. source slide)"
+    )
     input_px: int | None = Field(None, ge=16, description="None = the encoder's own input px")
     workers: int = Field(0, ge=0)
     device: Device = "auto"

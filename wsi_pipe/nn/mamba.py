@@ -8,7 +8,9 @@ conv1d -> SiLU -> x_proj -> (dt, B, C) -> dt_proj -> selective scan with D skip 
 `SS2D` is the VMamba-style 2-D selective scan used by the image encoders: one input projection,
 a depthwise 3x3 conv, then K=4 scans of the token grid (row-major, column-major, and both
 reversed), each with its own x_proj / dt_proj / A / D, run as one grouped scan and summed back
-onto the grid.
+onto the grid. For CPU inference (the scan backend resolves to ``numba``) `DirectionalScan` runs a
+fused kernel instead that walks the four directions in place (`scan_cpu.cross_scan_numba`): same
+result, no direction copies.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsi_pipe.nn.selective_scan import SCAN_BACKENDS, selective_scan
+from wsi_pipe.nn.selective_scan import (
+    PROFILE_LABEL,
+    SCAN_BACKENDS,
+    resolve_scan_backend,
+    selective_scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,7 @@ class Mamba(nn.Module):
     """Mamba (S6) mixer: (B, L, d_model) -> (B, L, d_model).
 
     d_state: SSM state size n; d_conv: causal conv width; expand: d_inner = expand * d_model;
-    dt_rank: 'auto' = ceil(d_model / 16). scan_backend: 'auto' | 'torch' | 'cuda' | 'sequential'
+    dt_rank: 'auto' = ceil(d_model / 16). scan_backend: one of SCAN_BACKENDS (see selective_scan)
     (may be changed at any time; it never changes the parameters).
     """
 
@@ -213,6 +220,8 @@ class DirectionalScan(nn.Module):
         b, e, h, w = x.shape
         length = h * w
         n, r, k = self.d_state, self.dt_rank, self.K
+        if resolve_scan_backend(self.scan_backend, x.device) == "numba":
+            return self._forward_fused_cpu(x)
         xs = grid_sequences(x)  # (B, K, E, L)
         x_dbl = torch.einsum("bkel,kce->bkcl", xs, self.x_proj_weight.to(xs.dtype))
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)  # (B, K, R|N|N, L)
@@ -229,6 +238,34 @@ class DirectionalScan(nn.Module):
             backend=self.scan_backend,
         )
         return merge_grid_sequences(y.reshape(b, k, e, length), h, w)
+
+    def _forward_fused_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU inference: the projections on the row-major grid, then one fused numba kernel
+        that walks the four directions in place (no direction copies). Same result as the
+        generic path; (B, E, H, W) -> (B, E, H, W) in x's dtype."""
+        from wsi_pipe.nn.scan_cpu import cross_scan_numba
+
+        b, e, h, w = x.shape
+        r, k = self.dt_rank, self.K
+        xg = x.reshape(b, e, h * w).float()
+        # per-position projections of all four directions, as plain contiguous matmuls:
+        # (K (R + 2N), E) @ (B, E, L) -> (B, K, R + 2N, L); (K, E, R) @ (B, K, R, L) -> (B, K, E, L)
+        x_dbl = torch.matmul(self.x_proj_weight.float().reshape(-1, e), xg).view(b, k, -1, h * w)
+        dts = torch.matmul(self.dt_projs_weight.float(), x_dbl[:, :, :r])
+        with torch.profiler.record_function(f"{PROFILE_LABEL}.numba_cross"):
+            y = cross_scan_numba(
+                xg,
+                dts,
+                -torch.exp(self.A_logs.float()),
+                x_dbl,
+                r,
+                self.Ds.float(),
+                self.dt_projs_bias.reshape(-1).float(),
+                h,
+                w,
+            )
+        # (B, L, E) channels last -> a (B, E, H, W) view with channels-last strides, no copy
+        return y.view(b, h, w, e).permute(0, 3, 1, 2).to(x.dtype)
 
 
 class SS2D(nn.Module):

@@ -15,22 +15,36 @@ in float32 and the output is cast back to u's dtype, like the reference.
 Backends (weights are the same whichever runs; only speed and memory differ):
 
 * ``"sequential"``: `selective_scan_ref`, a Python loop over l. The test oracle.
-* ``"torch"``: pure PyTorch, parallel. The sequence is cut into chunks of T steps; inside a chunk
-  the recurrence is solved by a log-depth (Hillis-Steele) scan that only multiplies decays
-  (all <= 1) and adds, so it never exponentiates a positive number and cannot overflow; the
-  state is carried from chunk to chunk by a loop of l/T iterations. Large inputs run each chunk
-  under `torch.utils.checkpoint`, so a backward pass keeps only (b, d, n) per chunk instead of
-  (b, d, l, n) tensors: a (1, 256, 100_000) scan with n=16 trains in a few hundred MB.
+* ``"torch"``: pure PyTorch, parallel, with autograd; always available. The sequence is cut into
+  chunks of T steps; inside a chunk the recurrence is solved by a log-depth (Brent-Kung) scan
+  that only multiplies decays (all <= 1) and adds, so it never exponentiates a positive number
+  and cannot overflow; the state is carried from chunk to chunk by a loop of l/T iterations.
+  Large inputs run each chunk under a custom backward that recomputes the chunk, so a backward
+  pass keeps only (b, d, n) per chunk instead of (b, d, l, n) tensors: a (1, 256, 100_000)
+  scan with n=16 trains in a few hundred MB.
+* ``"numba"``: forward-only compiled CPU scan (`wsi_pipe.nn.scan_cpu`, needs numba): a loop
+  over (batch, channel block) with a float32 state in registers and no (b, d, l, n) tensor.
+  For inference (extract, predict, heatmap, anomaly scoring) on CPU.
+* ``"triton"``: Triton kernels, forward and backward (`wsi_pipe.nn.scan_triton`, needs triton
+  and a CUDA device, or ``TRITON_INTERPRET=1`` on CPU for tests); no build step.
 * ``"cuda"``: mamba-ssm's fused kernel `selective_scan_fn` (extra ``wsi-pipe[gpu]``), imported
   lazily; raises `KernelUnavailableError` when it cannot be used.
-* ``"auto"``: ``cuda`` when the tensors live on a CUDA device and mamba-ssm imports, else
-  ``torch``. The choice is logged once per process.
+* ``"auto"``: on CUDA tensors ``cuda`` when mamba-ssm imports, else ``triton`` when triton
+  imports, else ``torch``; on CPU ``numba`` when autograd is off (``torch.no_grad()`` /
+  ``torch.inference_mode()``) and numba imports, else ``torch``. Each choice is logged once per
+  process.
+
+Tolerances (tests/test_scan.py): every backend keeps a float32 state, so with fp32 inputs they
+agree with the sequential reference to ~1e-6 of the output scale (asserted at 1e-5).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +53,11 @@ from wsi_pipe.core.errors import KernelUnavailableError
 
 log = logging.getLogger(__name__)
 
-ScanBackend = Literal["auto", "torch", "cuda", "sequential"]
-SCAN_BACKENDS: tuple[str, ...] = ("auto", "torch", "cuda", "sequential")
+ScanBackend = Literal["auto", "torch", "numba", "triton", "cuda", "sequential"]
+SCAN_BACKENDS: tuple[str, ...] = ("auto", "torch", "numba", "triton", "cuda", "sequential")
 
+#: torch.profiler label of every scan call ("<label>.<backend>"); scripts/bench_encoder.py sums it
+PROFILE_LABEL = "wsi_pipe.selective_scan"
 #: chunk length of the torch backend when the caller does not pick one
 DEFAULT_CHUNK = 256
 #: elements of one (b, d, T, n) chunk tensor above which the chunk length is reduced
@@ -58,16 +74,14 @@ _GPU_FIX = (
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _prepare(
+def _prepare_shapes(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Validate shapes; return float32 u, delta (bias+softplus applied), A, and B, C as (b,g,n,l)."""
+) -> tuple[int, int, int, int, int]:
+    """Validate the shapes of a scan's inputs; return (b, d, l, n, g) (g = 1 for (b, n, l) B/C)."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(
             f"u and delta must both be (b, d, l); got {tuple(u.shape)}, {tuple(delta.shape)}"
@@ -78,7 +92,7 @@ def _prepare(
     if A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"A must be (d={d}, n); got {tuple(A.shape)}")
     n = A.shape[1]
-    out = []
+    groups = []
     for name, M in (("B", B), ("C", C)):
         if M.dim() == 3:
             M = M.unsqueeze(1)
@@ -89,12 +103,27 @@ def _prepare(
             )
         if d % M.shape[1]:
             raise ValueError(f"{name} has {M.shape[1]} groups, which do not divide d={d}")
-        out.append(M.float())
-    Bg, Cg = out
-    if Bg.shape[1] != Cg.shape[1]:
+        groups.append(M.shape[1])
+    if groups[0] != groups[1]:
         raise ValueError(
-            f"B and C must have the same number of groups; got {Bg.shape[1]}, {Cg.shape[1]}"
+            f"B and C must have the same number of groups; got {groups[0]}, {groups[1]}"
         )
+    return b, d, length, n, groups[0]
+
+
+def _prepare(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Validate shapes; return float32 u, delta (bias+softplus applied), A, and B, C as (b,g,n,l)."""
+    _, _, _, n, _ = _prepare_shapes(u, delta, A, B, C)
+    Bg = (B if B.dim() == 4 else B.unsqueeze(1)).float()
+    Cg = (C if C.dim() == 4 else C.unsqueeze(1)).float()
     delta = delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
@@ -337,7 +366,63 @@ def selective_scan_torch(
 
 
 # -------------------------------------------------------------------------------- cuda kernel
-def _import_cuda_scan():  # noqa: ANN202 - returns the third-party function
+#: stand-in for mamba-ssm's `selective_scan_fn` (same signature), set by `substitute_cuda_kernel`
+_CUDA_KERNEL_OVERRIDE: Callable[..., torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def substitute_cuda_kernel(fn: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Run the ``cuda`` backend with `fn` in place of mamba-ssm's `selective_scan_fn`.
+
+    `fn` takes `selective_scan_fn`'s arguments (u, delta, A, B, C, D, z, delta_bias,
+    delta_softplus). Inside the block the ``cuda`` backend accepts tensors on any device and
+    ``auto`` on CUDA counts mamba-ssm as importable, so the wrapper's reshapes, casts and
+    grouped-B handling run in CI with e.g. `reference_selective_scan_fn`; only the compiled
+    kernel itself needs a GPU. Not thread-safe; for tests and device checks.
+    """
+    global _CUDA_KERNEL_OVERRIDE
+    previous, _CUDA_KERNEL_OVERRIDE = _CUDA_KERNEL_OVERRIDE, fn
+    try:
+        yield
+    finally:
+        _CUDA_KERNEL_OVERRIDE = previous
+
+
+def reference_selective_scan_fn(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor:
+    """`selective_scan_ref` behind `selective_scan_fn`'s signature and input contract.
+
+    Checks what mamba-ssm's kernel checks before it runs (selective_scan.cpp): delta, B, C and z
+    in u's dtype, A / D / delta_bias float32, unit stride along l, B/C as (b, n, l) or
+    (b, g, n, l); then computes with the sequential reference.
+    """
+    if return_last_state:
+        raise NotImplementedError("wsi-pipe never asks for the last state")
+    for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype != u.dtype:
+            raise TypeError(f"selective_scan_fn: {name} is {t.dtype}, u is {u.dtype}")
+    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"selective_scan_fn: {name} must be float32, got {t.dtype}")
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"selective_scan_fn: {name} must have stride 1 along l")
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _import_cuda_scan() -> Callable[..., torch.Tensor]:
+    if _CUDA_KERNEL_OVERRIDE is not None:
+        return _CUDA_KERNEL_OVERRIDE
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception as e:  # ImportError, or OSError/RuntimeError from a broken build
@@ -370,30 +455,87 @@ def selective_scan_cuda(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
 ) -> torch.Tensor:
-    """mamba-ssm's fused CUDA kernel; raises KernelUnavailableError on CPU or without mamba-ssm."""
-    if not u.is_cuda:
+    """mamba-ssm's fused CUDA kernel; raises KernelUnavailableError on CPU or without mamba-ssm.
+
+    Shapes as `selective_scan_ref`. The kernel wants delta, B, C, z in u's dtype, float32
+    A / D / delta_bias and unit stride along l; this wrapper provides that (the cast and the
+    copies are no-ops for the encoders' usual inputs).
+    """
+    _prepare_shapes(u, delta, A, B, C)
+    if not u.is_cuda and _CUDA_KERNEL_OVERRIDE is None:
         raise KernelUnavailableError(
             f"scan_backend='cuda' needs CUDA tensors, got tensors on {u.device}; move the model to "
             "a GPU or use scan_backend='torch' (or 'auto')"
         )
     fn = _import_cuda_scan()
-    # the kernel wants contiguous last dims, fp32 A/D/delta_bias and matching B/C dtypes
+
+    def like_u(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(u.dtype)
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.float().contiguous()
+
     return fn(
-        u.contiguous(),
-        delta.contiguous(),
+        like_u(u),
+        like_u(delta),
         A.float().contiguous(),
-        B.contiguous(),
-        C.contiguous(),
-        None if D is None else D.float().contiguous(),
-        None if z is None else z.contiguous(),
-        None if delta_bias is None else delta_bias.float().contiguous(),
+        like_u(B),
+        like_u(C),
+        f32(D),
+        None if z is None else like_u(z),
+        f32(delta_bias),
         delta_softplus,
     )
 
 
+# ---------------------------------------------------------------------- numba / triton backends
+def numba_scan_available() -> bool:
+    """True when numba imports and the compiled CPU inference scan builds."""
+    from wsi_pipe.nn.scan_cpu import numba_scan_available as available
+
+    return available()
+
+
+@functools.lru_cache(maxsize=1)
+def triton_scan_available() -> bool:
+    """True when triton imports (the kernels still need CUDA tensors, or TRITON_INTERPRET=1)."""
+    try:
+        import wsi_pipe.nn.scan_triton  # noqa: F401
+    except Exception as e:  # ImportError, or a triton build that fails at import
+        log.debug("triton scan unavailable: %s: %s", type(e).__name__, e)
+        return False
+    return True
+
+
+def selective_scan_numba(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Forward-only compiled CPU scan; see `wsi_pipe.nn.scan_cpu.selective_scan_numba`."""
+    from wsi_pipe.nn.scan_cpu import selective_scan_numba as fn
+
+    return fn(*args, **kwargs)
+
+
+def selective_scan_triton(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Triton scan with autograd; see `wsi_pipe.nn.scan_triton.selective_scan_triton`."""
+    try:
+        from wsi_pipe.nn.scan_triton import selective_scan_triton as fn
+    except Exception as e:
+        raise KernelUnavailableError(
+            f"scan_backend='triton' needs triton, which failed to import ({type(e).__name__}: "
+            f"{e}); `pip install triton` on a CUDA machine or use scan_backend='torch'"
+        ) from e
+    return fn(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------- dispatch
-def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
-    """The backend `selective_scan` would run for tensors on `device` ('torch', 'cuda', ...)."""
+def resolve_scan_backend(
+    backend: str, device: torch.device | str, grad_enabled: bool | None = None
+) -> str:
+    """The backend `selective_scan` runs for tensors on `device` ('torch', 'numba', ...).
+
+    grad_enabled: whether autograd is recording (default: `torch.is_grad_enabled()`); on CPU
+    ``auto`` picks the forward-only ``numba`` scan only when it is not.
+    """
     if backend not in SCAN_BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {SCAN_BACKENDS}")
     if backend != "auto":
@@ -402,12 +544,25 @@ def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
     if device.type == "cuda":
         if cuda_scan_available():
             return _log_choice("auto", "cuda", "tensors on CUDA and mamba-ssm imports")
+        if triton_scan_available():
+            return _log_choice(
+                "auto", "triton", "tensors on CUDA, mamba-ssm not importable, triton imports"
+            )
         return _log_choice(
             "auto",
             "torch",
-            "tensors on CUDA but mamba-ssm is not importable (pip install 'wsi-pipe[gpu]')",
+            "tensors on CUDA but neither mamba-ssm nor triton imports "
+            "(pip install 'wsi-pipe[gpu]' or triton)",
         )
-    return _log_choice("auto", "torch", f"tensors on {device.type}")
+    if grad_enabled is None:
+        grad_enabled = torch.is_grad_enabled()
+    if device.type == "cpu" and not grad_enabled:
+        if numba_scan_available():
+            return _log_choice("auto", "numba", "CPU tensors, autograd off, numba imports")
+        return _log_choice(
+            "auto", "torch", "CPU tensors, autograd off, numba not importable (pip install numba)"
+        )
+    return _log_choice("auto", "torch", f"tensors on {device.type}, autograd on")
 
 
 def _log_choice(requested: str, chosen: str, reason: str) -> str:
@@ -435,12 +590,19 @@ def selective_scan(
     u: (b, d, l) input; delta: (b, d, l) step sizes; A: (d, n) real, normally negative;
     B, C: (b, n, l) or (b, g, n, l) input-dependent; D: (d,) skip; z: (b, d, l) gate;
     delta_bias: (d,) added to delta before the optional softplus.
-    backend: 'auto' | 'torch' | 'cuda' | 'sequential' (see module docstring).
+    backend: 'auto' | 'torch' | 'numba' | 'triton' | 'cuda' | 'sequential' (module docstring).
     Returns out: (b, d, l) in u's dtype.
     """
     chosen = resolve_scan_backend(backend, u.device)
-    if chosen == "torch":
-        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if chosen == "cuda":
-        return selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    fn = _BACKEND_FUNCTIONS[chosen]
+    with torch.profiler.record_function(f"{PROFILE_LABEL}.{chosen}"):
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+_BACKEND_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "torch": selective_scan_torch,
+    "numba": selective_scan_numba,
+    "triton": selective_scan_triton,
+    "cuda": selective_scan_cuda,
+    "sequential": selective_scan_ref,
+}
