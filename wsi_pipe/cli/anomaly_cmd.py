@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from wsi_pipe.cli.common import console, fail, parse_shard, print_summary, run_guarded
+from wsi_pipe.cli.common import (
+    console,
+    fail,
+    parse_shard,
+    print_summary,
+    resolve_run_dir,
+    run_guarded,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -18,8 +25,8 @@ def register(app: typer.Typer) -> None:
 
     @sub.command("fit")
     def fit_cmd(
-        run_dir: Path = typer.Argument(
-            ..., help="run folder with feature stores (`wsi-pipe extract`)"
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder with feature stores (default: the run holding the current folder)"
         ),
         features: str | None = typer.Option(
             None, "--features", help="feature set (default: the only one)"
@@ -75,7 +82,7 @@ def register(app: typer.Typer) -> None:
             cfg = cfg.model_copy(update={"normal_label": None})
         res = run_guarded(
             fit_anomaly,
-            run_dir,
+            resolve_run_dir(run_dir),
             cfg,
             manifest=manifest,
             name=name,
@@ -93,8 +100,8 @@ def register(app: typer.Typer) -> None:
 
     @sub.command("score")
     def score_cmd(
-        run_dir: Path = typer.Argument(
-            ..., help="run folder with feature stores and a fitted model"
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder with feature stores and a fitted model (default: the current run)"
         ),
         model: str | None = typer.Option(
             None, "--model", help="model name under RUN_DIR/anomaly/ (default: latest)"
@@ -130,7 +137,7 @@ def register(app: typer.Typer) -> None:
 
         res = run_guarded(
             score_anomaly,
-            run_dir,
+            resolve_run_dir(run_dir),
             model=model,
             slides=slides or None,
             manifest=manifest,

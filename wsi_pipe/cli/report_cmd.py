@@ -6,13 +6,15 @@ from pathlib import Path
 
 import typer
 
-from wsi_pipe.cli.common import console, err_console, run_guarded
+from wsi_pipe.cli.common import console, err_console, resolve_run_dir, run_guarded
 
 
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        run_dir: Path = typer.Argument(..., help="run folder (the --out of tile / run / demo)"),
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder (default: the run holding the current folder)"
+        ),
         out: Path | None = typer.Option(
             None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html)"
         ),
@@ -62,7 +64,7 @@ def register(app: typer.Typer) -> None:
 
         res = run_guarded(
             build_report,
-            run_dir,
+            resolve_run_dir(run_dir),
             out,
             embed=not assets,
             heatmap_slides=tuple(slides or ()),
