@@ -7,11 +7,9 @@ class, or macro one-vs-rest), balanced accuracy, F1 (positive class, or macro) a
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import numpy as np
-from sklearn import metrics as skm
 
 METRICS = ("auroc", "auprc", "balanced_accuracy", "f1", "accuracy")
 
@@ -24,6 +22,29 @@ def _check(y: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, prob
 
 
+def _binary_auroc(pos: np.ndarray, score: np.ndarray) -> float:
+    """AUROC of `score` for the boolean labels `pos` (both classes present): the Mann-Whitney
+    statistic with tied scores counted half, equal to sklearn's trapezoidal ROC area."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)  # average ranks for ties
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_precision(pos: np.ndarray, score: np.ndarray) -> float:
+    """Average precision (sklearn's definition: sum over distinct thresholds of the recall step
+    times the precision there) of `score` for the boolean labels `pos` (some positive)."""
+    order = np.argsort(-score, kind="mergesort")
+    score, pos = score[order], pos[order]
+    last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]  # last row of each threshold
+    tps = np.cumsum(pos)[last]
+    precision = tps / (last + 1)
+    recall_step = np.diff(np.r_[0, tps]) / tps[-1]
+    return float(np.sum(recall_step * precision))
+
+
 def auroc(y: np.ndarray, prob: np.ndarray) -> float:
     """AUROC; macro one-vs-rest over the classes present when n_classes > 2. NaN if one class."""
     y, prob = _check(y, prob)
@@ -31,9 +52,8 @@ def auroc(y: np.ndarray, prob: np.ndarray) -> float:
     if len(present) < 2:
         return math.nan
     if prob.shape[1] == 2:
-        return float(skm.roc_auc_score(y, prob[:, 1]))
-    scores = [skm.roc_auc_score(y == c, prob[:, c]) for c in present]
-    return float(np.mean(scores))
+        return _binary_auroc(y == 1, prob[:, 1])
+    return float(np.mean([_binary_auroc(y == c, prob[:, c]) for c in present]))
 
 
 def auprc(y: np.ndarray, prob: np.ndarray) -> float:
@@ -43,25 +63,35 @@ def auprc(y: np.ndarray, prob: np.ndarray) -> float:
     if len(present) < 2:
         return math.nan
     if prob.shape[1] == 2:
-        return float(skm.average_precision_score(y == 1, prob[:, 1]))
-    return float(np.mean([skm.average_precision_score(y == c, prob[:, c]) for c in present]))
+        return _average_precision(y == 1, prob[:, 1])
+    return float(np.mean([_average_precision(y == c, prob[:, c]) for c in present]))
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts, rows = true class, columns = predicted class."""
+    return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
 
 
 def balanced_accuracy(y: np.ndarray, prob: np.ndarray) -> float:
-    """Mean per-class recall of the arg-max prediction."""
+    """Mean recall of the arg-max prediction over the classes present in `y`."""
     y, prob = _check(y, prob)
-    return float(skm.balanced_accuracy_score(y, prob.argmax(1)))
+    cm = _confusion(y, prob.argmax(1), prob.shape[1])
+    support = cm.sum(1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present]))
 
 
 def f1(y: np.ndarray, prob: np.ndarray) -> float:
-    """F1 of class 1 (binary) or macro F1 over all classes, of the arg-max prediction."""
+    """F1 of class 1 (binary) or macro F1 over all classes, of the arg-max prediction; a class
+    never true nor predicted scores 0 (sklearn's zero_division=0)."""
     y, prob = _check(y, prob)
-    pred = prob.argmax(1)
-    if prob.shape[1] == 2:
-        return float(skm.f1_score(y, pred, pos_label=1, zero_division=0))
-    return float(
-        skm.f1_score(y, pred, average="macro", labels=np.arange(prob.shape[1]), zero_division=0)
-    )
+    cm = _confusion(y, prob.argmax(1), prob.shape[1])
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)  # 2 tp + fp + fn
+    per_class = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(per_class[1]) if prob.shape[1] == 2 else float(per_class.mean())
 
 
 def accuracy(y: np.ndarray, prob: np.ndarray) -> float:
@@ -94,14 +124,11 @@ def bootstrap_ci(
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     vals = []
-    with warnings.catch_warnings():
-        # resamples missing a class make sklearn warn; such resamples are expected here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(y), len(y))
-            v = fn(y[idx], prob[idx])
-            if not math.isnan(v):
-                vals.append(v)
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        v = fn(y[idx], prob[idx])
+        if not math.isnan(v):
+            vals.append(v)
     if not vals:
         return (math.nan, math.nan)
     lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
@@ -120,9 +147,7 @@ def compute_metrics(
     for i, name in enumerate(METRICS):
         fn = METRIC_FNS[name]
         lo, hi = bootstrap_ci(y, prob, fn, n_boot, seed + i)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a test set lacking a predicted class
-            value = fn(y, prob)
+        value = fn(y, prob)
         out[name] = {"value": value, "ci_low": lo, "ci_high": hi}
     return out
 
