@@ -209,3 +209,38 @@ def test_augmentations_keep_range_and_content():
     out = augment_batch(tiles, generator=g)
     assert out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, x)
+
+
+#: the input px recommended for 150-px tiles at ~0.5 um/px (docs/encoder_quality.md)
+RECOMMENDED_PX = 160
+
+
+@pytest.mark.parametrize("name", [n for n in list_encoders() if n in TINY or n.endswith("_cpu")])
+def test_encoders_accept_the_recommended_input_px(name):
+    torch.manual_seed(0)
+    model = create_encoder(name, scan_backend="torch").eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, RECOMMENDED_PX, RECOMMENDED_PX))
+    assert y.shape == (1, get_encoder_spec(name).embed_dim) and torch.isfinite(y).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in FULL if not n.endswith("_cpu")])
+def test_full_size_encoders_accept_the_recommended_input_px(name):
+    model = create_encoder(name, scan_backend="torch").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, RECOMMENDED_PX, RECOMMENDED_PX)).shape[0] == 1
+
+
+def test_mamim_on_the_cpu_encoder_at_160px():
+    from wsi_pipe.stages.pretrain import default_mask_px
+
+    torch.manual_seed(0)
+    enc = create_encoder("ssmamba_cpu", scan_backend="torch")
+    spec = get_encoder_spec("ssmamba_cpu")
+    assert spec.input_px == RECOMMENDED_PX and RECOMMENDED_PX % enc.total_stride == 0
+    mask_px = default_mask_px(RECOMMENDED_PX, enc.patch)
+    mim = MAMIM(enc, mask_px=mask_px)
+    x = torch.randn(2, 3, RECOMMENDED_PX, RECOMMENDED_PX)
+    loss, pred = mim(x, mim.random_mask(2, RECOMMENDED_PX, RECOMMENDED_PX, 0.75))
+    assert pred.shape == x.shape and torch.isfinite(loss)

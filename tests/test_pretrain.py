@@ -123,3 +123,50 @@ def test_lr_schedule_warmup_then_cosine():
 def test_run_without_tiles_is_an_empty_input_error(tmp_path):
     with pytest.raises(EmptyInputError, match="wsi-pipe tile"):
         pretrain(tmp_path, small_cfg(), tmp_path / "x.pt", progress=False)
+
+
+def test_pretrain_on_an_image_folder_cli(shared_data, tmp_path):
+    """`wsi-pipe pretrain --images DIR` on a tiny subset of real Kather 2016 tiles (class
+    sub-folders are read as plain images)."""
+    from typer.testing import CliRunner
+
+    from wsi_pipe.cli.app import app
+
+    root = shared_data / "patches" / "kather2016_texture"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    images = tmp_path / "rois"
+    for c in ("01_TUMOR", "07_ADIPOSE"):
+        (images / c).mkdir(parents=True)
+        for f in sorted((root / c).glob("*.tif"))[:4]:
+            (images / c / f.name).symlink_to(f)
+    out = tmp_path / "ssmamba_rois.pt"
+    args = ["-q", "pretrain", "--images", str(images), "--arch", "ssmamba_tiny", "--input-px", "32",
+            "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4", "--workers", "0",
+            "--device", "cpu", "--scan-backend", "torch", "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    prov = read_provenance(out)
+    assert prov["steps"] == 3 and prov["data"]["tiles_sampled"] == 8
+    assert prov["data"]["images"] == str(images.resolve())
+    model, spec = load_encoder(out, scan_backend="torch")
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, spec.embed_dim)
+    # a run folder and --images together, or an empty folder, are clear errors
+    res = CliRunner().invoke(app, ["-q", "pretrain", str(tmp_path), "--images", str(images)])
+    assert res.exit_code == 2 and "not both" in res.output
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(
+        app, ["-q", "pretrain", "--images", str(tmp_path / "empty"), "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "holds no images" in " ".join(res.output.split())
+
+
+def test_pretrain_images_rejects_a_wrongly_sized_array(tmp_path):
+    import numpy as np
+
+    from wsi_pipe.core.errors import ConfigError
+    from wsi_pipe.stages.pretrain import pretrain_images
+
+    with pytest.raises(ConfigError, match=r"\(n, 64, 64, 3\)"):
+        pretrain_images(np.zeros((2, 32, 32, 3), np.uint8), small_cfg(), tmp_path / "x.pt")

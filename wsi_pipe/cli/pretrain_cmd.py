@@ -6,13 +6,20 @@ from pathlib import Path
 
 import typer
 
-from wsi_pipe.cli.common import console, run_guarded
+from wsi_pipe.cli.common import console, fail, resolve_run_dir, run_guarded
 
 
 def register(app: typer.Typer) -> None:
     @app.command("pretrain")
     def pretrain_cmd(
-        run_dir: Path = typer.Argument(..., help="run folder written by `wsi-pipe tile`"),
+        run_dir: Path | None = typer.Argument(
+            None,
+            help="run folder written by `wsi-pipe tile` (default: the run holding the current "
+            "folder), or use --images",
+        ),
+        images: Path | None = typer.Option(
+            None, "--images", help="folder of ROI images (recursive; class sub-folders are fine)"
+        ),
         arch: str | None = typer.Option(None, "--arch", help="encoder, e.g. ssmamba_s (default)"),
         out: Path | None = typer.Option(
             None, "--out", "-o", help="output checkpoint (default RUN_DIR/models/ssmamba.pt)"
@@ -34,15 +41,25 @@ def register(app: typer.Typer) -> None:
         ),
         workers: int | None = typer.Option(None, "--workers", "-w", help="DataLoader workers"),
         device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
-        scan_backend: str | None = typer.Option(None, "--scan-backend", help="auto | torch | cuda"),
+        scan_backend: str | None = typer.Option(
+            None, "--scan-backend", help="auto | torch | numba | triton | cuda | sequential"
+        ),
         checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="steps"),
         seed: int | None = typer.Option(None, "--seed"),
         resume: bool = typer.Option(False, "--resume", help="continue from OUT.state.pt"),
     ) -> None:
-        """MAMIM-pretrain an SSMamba (or MedMamba / ViT) encoder on the run's tiles -> ssmamba.pt."""
+        """MAMIM-pretrain an SSMamba (or MedMamba / ViT) encoder on a run's tiles or on a folder
+        of ROI images (--images) -> ssmamba.pt."""
         from wsi_pipe.core.config import PretrainConfig, load_config
         from wsi_pipe.core.layout import RunLayout
-        from wsi_pipe.stages.pretrain import pretrain
+        from wsi_pipe.stages.pretrain import pretrain, pretrain_images
+
+        if run_dir is not None and images is not None:
+            fail("give either RUN_DIR (tiles of `wsi-pipe tile`) or --images DIR, not both")
+        if images is None:
+            run_dir = resolve_run_dir(run_dir)  # the run holding the current folder
+        if images is not None and out is None:
+            fail("--images needs --out FILE.pt (there is no run folder to put it in)")
 
         cfg = run_guarded(
             load_config, PretrainConfig, config, arch=arch, epochs=epochs,
@@ -51,8 +68,11 @@ def register(app: typer.Typer) -> None:
             workers=workers, device=device, scan_backend=scan_backend,
             checkpoint_every=checkpoint_every, seed=seed,
         )  # fmt: skip
-        target = out or RunLayout(run_dir).models_dir / "ssmamba.pt"
-        r = run_guarded(pretrain, run_dir, cfg, target, resume=resume)
+        if images is not None:
+            r = run_guarded(pretrain_images, images, cfg, out, resume=resume)
+        else:
+            target = out or RunLayout(run_dir).encoder_checkpoint
+            r = run_guarded(pretrain, run_dir, cfg, target, resume=resume)
         console.print(
             f"[green]pretrained[/] {cfg.arch}: {r['steps']} steps on {r['n_tiles']} tiles, "
             f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} in {r['seconds']:.0f} s\n"
@@ -65,7 +85,11 @@ def register(app: typer.Typer) -> None:
             ..., "--encoder", "-e", help="ssmamba.pt or an architecture name"
         ),
         labels: Path = typer.Option(
-            ..., "--labels", "-l", help="CSV: image,label or slide,x,y,level,size_px,label"
+            ...,
+            "--labels",
+            "-l",
+            help="ImageFolder DIR (DIR/<class>/<image>) or CSV: image,label[,group] or "
+            "slide,x,y,level,size_px,label[,group]",
         ),
         out: Path = typer.Option(..., "--out", "-o", help="output checkpoint, e.g. ssmamba_ft.pt"),
         config: Path | None = typer.Option(None, "--config", "-c", help="FinetuneConfig YAML"),
@@ -78,6 +102,14 @@ def register(app: typer.Typer) -> None:
         backbone_lr: float | None = typer.Option(None, "--backbone-lr"),
         val_fraction: float | None = typer.Option(
             None, "--val-fraction", help="held out per class"
+        ),
+        test_fraction: float | None = typer.Option(
+            None, "--test-fraction", help="test share, never used for model selection (0.2)"
+        ),
+        group_regex: str | None = typer.Option(
+            None,
+            "--group-regex",
+            help="group (e.g. source slide) from file names: splits keep it whole",
         ),
         input_px: int | None = typer.Option(None, "--input-px"),
         workers: int | None = typer.Option(None, "--workers", "-w"),
@@ -92,13 +124,20 @@ def register(app: typer.Typer) -> None:
         cfg = run_guarded(
             load_config, FinetuneConfig, config, epochs=epochs, batch_size=batch_size, lr=lr,
             train_backbone=train_backbone, backbone_lr=backbone_lr, val_fraction=val_fraction,
-            input_px=input_px, workers=workers, device=device, scan_backend=scan_backend, seed=seed,
+            test_fraction=test_fraction, group_regex=group_regex, input_px=input_px, workers=workers, device=device, scan_backend=scan_backend, seed=seed,
         )  # fmt: skip
         r = run_guarded(finetune, encoder, labels, out, cfg)
-        v = r["val"]
+        v, t, sp = r["val"], r["test"], r["split"]
+        test_line = (
+            f"test accuracy {t['accuracy']:.3f}, balanced accuracy {t['balanced_accuracy']:.3f}, "
+            f"macro-F1 {t['macro_f1']:.3f} (n={t['n']}, never used for selection)"
+            if t["n"]
+            else "no test split (--test-fraction 0): the validation figures are optimistic"
+        )
         console.print(
-            f"[green]fine-tuned[/] on {r['train']['n']} train / {v['n']} held-out regions, "
-            f"classes {', '.join(r['classes'])} (best epoch {r['best_epoch']})\n"
-            f"held-out accuracy {v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f}, "
-            f"macro-F1 {v['macro_f1']:.3f}\ncheckpoint: {r['out_path']}\nmetrics: {r['metrics_path']}"
+            f"[green]fine-tuned[/] on {sp['n_train']} train / {sp['n_val']} validation / "
+            f"{sp['n_test']} test regions{' (grouped)' if sp['grouped'] else ''}, classes "
+            f"{', '.join(r['classes'])} (best epoch {r['best_epoch']} by validation balanced "
+            f"accuracy {v['balanced_accuracy']:.3f})\n{test_line}\n"
+            f"checkpoint: {r['out_path']}\nmetrics: {r['metrics_path']}"
         )

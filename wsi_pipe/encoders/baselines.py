@@ -84,7 +84,7 @@ class ResNet(nn.Module):
         mods += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
-    def forward_tokens(self, x: torch.Tensor, mask=None, mask_token=None) -> torch.Tensor:  # noqa: ANN001
+    def forward_tokens(self, x: torch.Tensor, mask=None, mask_token=None) -> torch.Tensor:
         """Final feature map, channels-last (B, H/32, W/32, embed_dim). No masking support."""
         if mask is not None:
             raise ValueError("ResNet does not support masked image modelling (no token grid)")
@@ -97,12 +97,12 @@ class ResNet(nn.Module):
 
 
 @register_encoder("resnet50", embed_dim=2048, family="resnet")
-def resnet50(**kw) -> ResNet:  # noqa: ANN003
+def resnet50(**kw) -> ResNet:
     return ResNet(**{"layers": (3, 4, 6, 3), **kw})
 
 
 @register_encoder("resnet_tiny", input_px=64, embed_dim=64, family="resnet", tiny=True)
-def resnet_tiny(**kw) -> ResNet:  # noqa: ANN003
+def resnet_tiny(**kw) -> ResNet:
     return ResNet(**{"layers": (1, 1, 1, 1), "widths": (8, 8, 16, 16), **kw})
 
 
@@ -207,7 +207,7 @@ class VisionTransformer(nn.Module):
         x = self.norm(self.blocks(torch.cat((cls, x), dim=1)))
         return x[:, 1:].reshape(b, h, w, c)
 
-    def forward_tokens(self, x: torch.Tensor, mask=None, mask_token=None) -> torch.Tensor:  # noqa: ANN001
+    def forward_tokens(self, x: torch.Tensor, mask=None, mask_token=None) -> torch.Tensor:
         """Token grid (B, H/p, W/p, dim); masked patches (B, H/p, W/p) become `mask_token`."""
         t = self.embed(x)
         if mask is not None:
@@ -225,12 +225,12 @@ class VisionTransformer(nn.Module):
 
 
 @register_encoder("vit_s16", embed_dim=384, family="vit")
-def vit_s16(**kw) -> VisionTransformer:  # noqa: ANN003
+def vit_s16(**kw) -> VisionTransformer:
     return VisionTransformer(
         **{"img_px": 224, "patch": 16, "dim": 384, "depth": 12, "heads": 6, **kw}
     )
 
 
 @register_encoder("vit_tiny", input_px=64, embed_dim=32, family="vit", tiny=True)
-def vit_tiny(**kw) -> VisionTransformer:  # noqa: ANN003
+def vit_tiny(**kw) -> VisionTransformer:
     return VisionTransformer(**{"img_px": 64, "patch": 8, "dim": 32, "depth": 2, "heads": 2, **kw})

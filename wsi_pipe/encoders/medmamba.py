@@ -76,20 +76,27 @@ class MedMamba(HierarchicalBackbone):
 
 
 @register_encoder("medmamba_t", embed_dim=768, family="medmamba")
-def medmamba_t(**kw) -> MedMamba:  # noqa: ANN003
+def medmamba_t(**kw) -> MedMamba:
     return MedMamba(**{"dims": (96, 192, 384, 768), "depths": (2, 2, 4, 2), **kw})
 
 
 @register_encoder("medmamba_s", embed_dim=768, family="medmamba")
-def medmamba_s(**kw) -> MedMamba:  # noqa: ANN003
+def medmamba_s(**kw) -> MedMamba:
     return MedMamba(**{"dims": (96, 192, 384, 768), "depths": (2, 2, 8, 2), **kw})
 
 
 @register_encoder("medmamba_b", embed_dim=1024, family="medmamba")
-def medmamba_b(**kw) -> MedMamba:  # noqa: ANN003
+def medmamba_b(**kw) -> MedMamba:
     return MedMamba(**{"dims": (128, 256, 512, 1024), "depths": (2, 2, 12, 2), **kw})
 
 
 @register_encoder("medmamba_tiny", input_px=64, embed_dim=64, family="medmamba", tiny=True)
-def medmamba_tiny(**kw) -> MedMamba:  # noqa: ANN003
+def medmamba_tiny(**kw) -> MedMamba:
     return MedMamba(**{"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "d_state": 4, **kw})
+
+
+#: MedMamba blocks at the size of `ssmamba_cpu` (same widths, depths, patch, input px), for a
+#: like-for-like comparison on CPU; MedMamba-T itself (~14M parameters) is too slow to train there.
+@register_encoder("medmamba_cpu", input_px=160, embed_dim=128, family="medmamba")
+def medmamba_cpu(**kw) -> MedMamba:
+    return MedMamba(**{"dims": (32, 64, 128), "depths": (1, 1, 1), "patch": 8, "d_state": 8, **kw})

@@ -8,6 +8,7 @@ Stratification uses one label per patient (the most common label of its slides).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,7 +129,11 @@ def fixed_split(slide_ids: Sequence[str], split_values: Sequence[str]) -> list[F
         parts[key].append(s)
     if not parts["train"] or not parts["test"]:
         raise ConfigError("a fixed split needs at least one 'train' and one 'test' slide")
-    return [Fold(tuple(sorted(parts["train"])), tuple(sorted(parts["val"])), tuple(sorted(parts["test"])))]
+    return [
+        Fold(
+            tuple(sorted(parts["train"])), tuple(sorted(parts["val"])), tuple(sorted(parts["test"]))
+        )
+    ]
 
 
 def check_no_leakage(folds: Sequence[Fold], patient_of: dict[str, str]) -> None:
@@ -164,5 +169,124 @@ def load_splits(path: str | Path) -> tuple[list[Fold], dict[str, Any]]:
         d = json.loads(Path(path).read_text())
         folds = [Fold(tuple(f["train"]), tuple(f["val"]), tuple(f["test"])) for f in d.pop("folds")]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"splits file {path} is unreadable ({e}): delete it to make new splits") from None
+        raise ConfigError(
+            f"splits file {path} is unreadable ({e}): delete it to make new splits"
+        ) from None
     return folds, d
+
+
+# ------------------------------------------------------------------ grouped tile-level splits
+# Tiles (or ROIs) carry a class label and a group (source slide / patient). Every split below
+# keeps each group on one side. With few groups and classes spread unevenly over them, exact
+# stratification is impossible; the assignment is searched (seeded) to be as stratified as the
+# groups allow.
+
+
+def _group_table(labels: Sequence[int], groups: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(sorted group ids, counts (n_groups, n_classes)) of tiles per group and class."""
+    if len(labels) != len(groups):
+        raise ValueError("labels and groups must have the same length")
+    gids = sorted(set(groups))
+    y = np.asarray(labels, dtype=np.int64)
+    n_classes = int(y.max()) + 1 if len(y) else 0
+    table = np.zeros((len(gids), n_classes), dtype=np.int64)
+    index = {g: i for i, g in enumerate(gids)}
+    for g, c in zip(groups, y, strict=True):
+        table[index[g], c] += 1
+    return gids, table
+
+
+def _assignment_cost(
+    assign: np.ndarray, table: np.ndarray, n_parts: int, target: np.ndarray
+) -> float:
+    """Lower is better: tiles whose class is absent from the other parts (a test tile that no
+    training side can learn), then squared deviation of each part's class mix from `target`."""
+    total = table.sum(0)
+    cost = 0.0
+    for k in range(n_parts):
+        part = table[assign == k].sum(0)
+        rest = total - part
+        cost += 1000.0 * float(part[(rest == 0) & (part > 0)].sum())
+        n = part.sum()
+        if n == 0:
+            cost += 1e6
+            continue
+        cost += 100.0 * float(np.square(part / n - total / total.sum()).sum())
+        cost += 100.0 * float(np.square(n / total.sum() - target[k]))
+    return cost
+
+
+def grouped_stratified_folds(
+    labels: Sequence[int], groups: Sequence[str], n_folds: int, seed: int = 0, n_trials: int = 2000
+) -> list[np.ndarray]:
+    """Assign whole groups to `n_folds` test folds, stratified as far as the groups allow.
+
+    labels: (n,) int class of each tile; groups: (n,) group id of each tile.
+    Returns `n_folds` arrays of tile indices (each fold's test side); every tile is in exactly one,
+    and a group never spans two folds. Raises ConfigError when there are fewer groups than folds.
+    """
+    gids, table = _group_table(labels, groups)
+    if len(gids) < n_folds:
+        raise ConfigError(
+            f"{n_folds} grouped folds need at least {n_folds} groups, found {len(gids)} "
+            f"({', '.join(gids[:10])}): lower the number of folds or check --group-regex"
+        )
+    rng = np.random.default_rng(seed)
+    target = np.full(n_folds, 1.0 / n_folds)
+    best, best_cost = None, math.inf
+    base = np.arange(len(gids)) % n_folds
+    for _ in range(n_trials):
+        assign = rng.permutation(base)  # balanced group counts per fold
+        c = _assignment_cost(assign, table, n_folds, target)
+        if c < best_cost:
+            best, best_cost = assign, c
+    assert best is not None
+    fold_of_group = dict(zip(gids, best.tolist(), strict=True))
+    tile_fold = np.array([fold_of_group[g] for g in groups])
+    return [np.flatnonzero(tile_fold == k) for k in range(n_folds)]
+
+
+def grouped_holdout(
+    labels: Sequence[int],
+    groups: Sequence[str],
+    fraction: float,
+    seed: int = 0,
+    n_trials: int = 500,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split tile indices into (rest, held-out) with whole groups held out: about `fraction` of the
+    tiles, class mix as close to the whole as the groups allow, preferring held-out classes that
+    the rest also holds. Needs at least 2 groups."""
+    gids, table = _group_table(labels, groups)
+    if len(gids) < 2:
+        raise ConfigError(
+            f"a grouped held-out split needs at least 2 groups, found {len(gids)}: add groups, or "
+            "split without grouping"
+        )
+    rng = np.random.default_rng(seed)
+    total = table.sum(0)
+    n_all = total.sum()
+    best, best_cost = None, math.inf
+    for _ in range(n_trials):
+        k = int(rng.integers(1, len(gids)))  # 1 .. n_groups-1 held-out groups
+        pick = np.zeros(len(gids), dtype=bool)
+        pick[rng.choice(len(gids), size=k, replace=False)] = True
+        held, rest = table[pick].sum(0), table[~pick].sum(0)
+        cost = 1000.0 * float(held[(rest == 0) & (held > 0)].sum())
+        cost += 100.0 * (held.sum() / n_all - fraction) ** 2 * 10
+        cost += 100.0 * float(np.square(held / max(held.sum(), 1) - total / n_all).sum())
+        if cost < best_cost:
+            best, best_cost = pick, cost
+    assert best is not None
+    held_groups = {g for g, p in zip(gids, best.tolist(), strict=True) if p}
+    is_held = np.array([g in held_groups for g in groups])
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def check_groups_disjoint(groups: Sequence[str], *parts: Sequence[int]) -> None:
+    """Raise ConfigError if one group has tiles in two of `parts` (index arrays into groups)."""
+    seen: dict[str, int] = {}
+    for k, part in enumerate(parts):
+        for g in {groups[int(i)] for i in part}:
+            if g in seen and seen[g] != k:
+                raise ConfigError(f"group {g} is on two sides of a split (parts {seen[g]} and {k})")
+            seen[g] = k

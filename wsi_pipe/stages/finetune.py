@@ -1,17 +1,24 @@
 """`wsi-pipe finetune`: supervised fine-tuning of an encoder on labelled ROIs (SSMamba stage 2).
 
-Labels CSV, one of two layouts (paths relative to the CSV's folder or absolute):
+Labelled data, one of three layouts (CSV paths relative to the CSV's folder or absolute):
 
-    image,label                          ROI image files (PNG/JPEG/TIFF), resized to the input px
-    slide,x,y,level,size_px,label        regions of slides: level-0 top-left (x, y), read
+    DIR/<class>/<image>                  ImageFolder: one sub-folder per class
+    image,label[,group]                  ROI image files (PNG/JPEG/TIFF), resized to the input px
+    slide,x,y,level,size_px,label[,group]  regions of slides: level-0 top-left (x, y), read
                                          size_px x size_px at `level`, resized to the input px
 
-A stratified held-out split (`val_fraction`, seeded) is made per class. With a frozen backbone
-(default) the embeddings are computed once and a linear head is trained on them (a linear
-probe); with `train_backbone` the whole network trains (backbone at `backbone_lr`, head at
-`lr`) with dihedral and stain augmentations. The epoch with the best held-out balanced accuracy
-is kept. Accuracy, balanced accuracy and macro-F1 (held-out) go to `<out stem>.metrics.json`;
-the backbone + head go to `out_path` (loadable by `load_encoder` and `load_classifier`).
+Three splits: train, validation (model selection: the epoch with the best validation balanced
+accuracy is kept) and test, which selection never sees and which is scored once at the end.
+With groups (a `group` column, or `group_regex` matched on file names, e.g. the source slide) the
+splits keep every group on one side, stratified as far as the groups allow
+(`wsi_pipe.mil.splits.grouped_holdout`); otherwise they are stratified per class. Test examples
+whose class is absent from the training split are left out of the test metrics (and counted).
+
+With a frozen backbone (default) the embeddings are computed once and a linear head is trained
+on them (a linear probe); with `train_backbone` the whole network trains (backbone at
+`backbone_lr`, head at `lr`) with dihedral and stain augmentations. Metrics (test, validation,
+train) go to `<out stem>.metrics.json`; the backbone + head to `out_path` (loadable by
+`load_encoder` and `load_classifier`).
 """
 
 from __future__ import annotations
@@ -20,11 +27,11 @@ import csv
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -32,12 +39,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_pipe.core.config import FinetuneConfig
-from wsi_pipe.core.errors import ConfigError, EmptyInputError, MissingMppError, SlideReadError
+from wsi_pipe.core.errors import ConfigError, EmptyInputError, MissingMppError
 from wsi_pipe.core.fsutil import atomic_write_json
+from wsi_pipe.data.images import check_classes, groups_from_regex, read_rgb, scan_image_folder
 from wsi_pipe.encoders import EncoderClassifier, load_encoder, save_encoder
 from wsi_pipe.encoders.augment import augment_batch, normalize
+from wsi_pipe.imageops.tiles import resize_tile
 from wsi_pipe.stages.pretrain import resolve_device
-from wsi_pipe.stages.tile_dataset import resize_tile
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,8 @@ SLIDE_COLUMNS = ("slide", "x", "y", "level", "size_px", "label")
 
 @dataclass(frozen=True)
 class LabelledRegion:
-    """One labelled example: an image file, or a region of a slide (level-0 px (x, y))."""
+    """One labelled example: an image file, or a region of a slide (level-0 px (x, y)).
+    `group`: what must stay on one side of a split (source slide, patient); None if unknown."""
 
     path: str
     label: str
@@ -55,6 +64,7 @@ class LabelledRegion:
     y: int | None = None
     level: int | None = None
     size_px: int | None = None
+    group: str | None = None
 
     @property
     def is_slide_region(self) -> bool:
@@ -77,21 +87,27 @@ def read_labels(labels_csv: str | Path) -> list[LabelledRegion]:
     else:
         raise ConfigError(
             f"labels file {p} has columns {list(cols)}; need {','.join(IMAGE_COLUMNS)} or "
-            f"{','.join(SLIDE_COLUMNS)}"
+            f"{','.join(SLIDE_COLUMNS)} (optionally a group column)"
         )
+    has_group = "group" in cols
     out = []
     for i, r in enumerate(rows, start=2):
         r = {k.strip(): (v or "").strip() for k, v in r.items() if k}
         src = r["slide" if kind == "slide" else "image"]
         if not src or not r["label"]:
             raise ConfigError(f"{p} line {i}: empty path or label")
+        group = r.get("group") or None
+        if has_group and group is None:
+            raise ConfigError(
+                f"{p} line {i}: empty group (every row needs one when the column exists)"
+            )
         path = Path(src) if Path(src).is_absolute() else p.parent / src
         if not path.exists():
             raise ConfigError(
                 f"{p} line {i}: {path} does not exist (paths are relative to the CSV)"
             )
         if kind == "image":
-            out.append(LabelledRegion(str(path), r["label"]))
+            out.append(LabelledRegion(str(path), r["label"], group=group))
             continue
         try:
             x, y, level, size = int(r["x"]), int(r["y"]), int(r["level"]), int(r["size_px"])
@@ -99,10 +115,29 @@ def read_labels(labels_csv: str | Path) -> list[LabelledRegion]:
             raise ConfigError(f"{p} line {i}: x, y, level, size_px must be integers") from None
         if size <= 0 or level < 0:
             raise ConfigError(f"{p} line {i}: size_px must be > 0 and level >= 0")
-        out.append(LabelledRegion(str(path), r["label"], x, y, level, size))
+        out.append(LabelledRegion(str(path), r["label"], x, y, level, size, group))
     if not out:
         raise EmptyInputError(f"labels file {p} has no rows")
     return out
+
+
+def read_labelled(source: str | Path, group_regex: str | None = None) -> list[LabelledRegion]:
+    """Labelled examples from an ImageFolder tree or a labels CSV, with groups from the CSV's
+    `group` column or from `group_regex` on file names (the regex wins). ConfigError on a single
+    class; EmptyInputError on an empty class folder."""
+    src = Path(source)
+    if src.is_dir():
+        items = [LabelledRegion(it.path, it.label) for it in scan_image_folder(src)]
+    else:
+        items = read_labels(src)
+        check_classes([it.label for it in items], f"labels file {src}")
+    if group_regex:
+        groups = groups_from_regex([it.path for it in items], group_regex)
+        items = [
+            LabelledRegion(it.path, it.label, it.x, it.y, it.level, it.size_px, g)
+            for it, g in zip(items, groups, strict=True)
+        ]
+    return items
 
 
 def read_region_rgb(item: LabelledRegion, out_px: int, readers: dict[str, Any]) -> np.ndarray:
@@ -122,12 +157,7 @@ def read_region_rgb(item: LabelledRegion, out_px: int, readers: dict[str, Any]) 
             r.read_region((item.x, item.y), item.level, (item.size_px, item.size_px))
         )
     else:
-        img = cv2.imread(item.path, cv2.IMREAD_COLOR)
-        if img is None:
-            raise SlideReadError(
-                f"cannot read image {item.path}: not an image or corrupt; fix or drop it"
-            )
-        region = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        region = read_rgb(item.path)
     return np.ascontiguousarray(resize_tile(np.ascontiguousarray(region[..., :3]), out_px))
 
 
@@ -149,6 +179,20 @@ class RegionDataset(Dataset):
         return {**self.__dict__, "_readers": {}}
 
 
+class ArrayTiles(Dataset):
+    """In-memory tiles: `ds[i] -> (tile (3, px, px) uint8, class index)` from (n, px, px, 3) uint8."""
+
+    def __init__(self, tiles_u8: np.ndarray, targets: Sequence[int]) -> None:
+        self.tiles = torch.from_numpy(np.ascontiguousarray(tiles_u8)).permute(0, 3, 1, 2)
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.tiles[i], int(self.targets[i])
+
+
 def stratified_split(
     targets: list[int], val_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
@@ -168,19 +212,66 @@ def stratified_split(
     return sorted(train), sorted(val)
 
 
+def three_way_split(
+    targets: Sequence[int],
+    groups: Sequence[str] | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[list[int], list[int], list[int]]:
+    """Indices (train, val, test). Grouped (whole groups per side) when `groups` is given, else
+    stratified per class. `test_fraction` 0 gives an empty test split."""
+    from wsi_pipe.mil.splits import check_groups_disjoint, grouped_holdout
+
+    if val_fraction + test_fraction >= 0.9:
+        raise ConfigError(
+            f"val_fraction {val_fraction} + test_fraction {test_fraction} leave (almost) nothing "
+            "to train on: keep their sum below 0.9"
+        )
+    idx = np.arange(len(targets))
+    y = np.asarray(targets)
+    if groups is None:
+        if test_fraction > 0:
+            rest, test = stratified_split(y.tolist(), test_fraction, seed)
+        else:
+            rest, test = idx.tolist(), []
+        tr, va = stratified_split(y[rest].tolist(), val_fraction / (1 - test_fraction), seed + 1)
+        return sorted(rest[i] for i in tr), sorted(rest[i] for i in va), sorted(test)
+    g = list(groups)
+    if test_fraction > 0:
+        rest, test = grouped_holdout(y, g, test_fraction, seed)
+    else:
+        rest, test = idx, np.array([], dtype=np.int64)
+    tr, va = grouped_holdout(
+        y[rest], [g[i] for i in rest], val_fraction / (1 - test_fraction), seed + 1
+    )
+    train, val = rest[tr], rest[va]
+    check_groups_disjoint(g, train, val, test)
+    return sorted(train.tolist()), sorted(val.tolist()), sorted(test.tolist())
+
+
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, n_classes: int
 ) -> dict[str, Any]:
-    """accuracy, balanced accuracy, macro-F1 and the confusion matrix (rows = true class)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+    """accuracy, balanced accuracy and macro-F1 over the classes present in `y_true` (a class
+    that has no example cannot be scored), per-class recall, confusion matrix (rows = true)."""
+    from sklearn.metrics import confusion_matrix, f1_score
 
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(n_classes))
+    if len(y_true) == 0:
+        nan = float("nan")
+        return {"accuracy": nan, "balanced_accuracy": nan, "macro_f1": nan, "per_class_recall": {},
+                "confusion_matrix": [], "n": 0}  # fmt: skip
+    present = np.unique(y_true)
+    recall = {int(c): float(np.mean(y_pred[y_true == c] == c)) for c in present}
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "balanced_accuracy": float(np.mean(list(recall.values()))),
         "macro_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            f1_score(y_true, y_pred, labels=present.tolist(), average="macro", zero_division=0)
         ),
+        "per_class_recall": recall,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "n": int(len(y_true)),
     }
@@ -198,62 +289,89 @@ def _loader(ds: Dataset, cfg: FinetuneConfig, shuffle: bool, seed: int) -> DataL
     )
 
 
+def prepare(tiles_u8: torch.Tensor, spec: Any, device: torch.device) -> torch.Tensor:
+    """uint8 tiles (B, 3, H, W) -> normalised float input on `device` (the one preprocessing of
+    training and inference: `augment.normalize` of [0, 1] RGB with the spec's mean/std)."""
+    return normalize(tiles_u8.to(device).float() / 255.0, spec.mean, spec.std)
+
+
 @torch.no_grad()
-def _embed_all(encoder: nn.Module, loader: DataLoader, spec: Any, device: torch.device):  # noqa: ANN202
+def embed_dataset(
+    encoder: nn.Module, ds: Dataset, spec: Any, device: torch.device, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (n, embed_dim) float32 CPU, targets (n,)) of a frozen encoder, in eval mode."""
     encoder.eval()
     feats, ys = [], []
-    for tiles, y in loader:
-        x = normalize(tiles.to(device).float() / 255.0, spec.mean, spec.std)
-        feats.append(encoder(x).float().cpu())
-        ys.append(y)
+    for tiles, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        feats.append(encoder(prepare(tiles, spec, device)).float().cpu())
+        ys.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(ys)
 
 
-def finetune(
-    encoder_path: str | Path,
-    labels_csv: str | Path,
-    out_path: str | Path,
+@torch.no_grad()
+def predict_proba(
+    clf: nn.Module, ds: Dataset, spec: Any, device: torch.device, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(targets (n,), class probabilities (n, n_classes)) of a classifier in eval mode."""
+    clf.eval()
+    ys, probs = [], []
+    for tiles, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        probs.append(torch.softmax(clf(prepare(tiles, spec, device)).float(), 1).cpu())
+        ys.append(torch.as_tensor(y))
+    return torch.cat(ys).numpy(), torch.cat(probs).numpy()
+
+
+def class_weights(targets: Sequence[int], n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (n_classes,) float32; absent classes get the weight of one."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_classes)
+    return torch.tensor(len(targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def fit_classifier(
+    encoder: nn.Module,
+    spec: Any,
+    n_classes: int,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
     cfg: FinetuneConfig,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Fine-tune `encoder_path` (an ssmamba.pt checkpoint or a registered name) on `labels_csv`.
+    device: torch.device,
+    progress: bool = False,
+    feature_cache: dict[str, torch.Tensor | None] | None = None,
+) -> tuple[EncoderClassifier, int, list[dict[str, Any]]]:
+    """Train a linear head (frozen backbone) or the whole network (`cfg.train_backbone`).
 
-    Returns the metrics dict (held-out `val` and `train` metrics, classes, best epoch, paths).
+    With `val_ds` the epoch with the best validation balanced accuracy is kept (ties: the later
+    epoch); without it the last epoch is kept (a fixed schedule, no model selection).
+    Returns (classifier on `device`, kept epoch, per-epoch history). With a frozen backbone,
+    `feature_cache` (a dict) receives the "train" and "val" embeddings, so that callers can score
+    the head without running the encoder again.
     """
-    t0 = time.time()
-    out_path = Path(out_path)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    encoder, spec = load_encoder(encoder_path, device="cpu", scan_backend=cfg.scan_backend)
-    base_hash = spec.weights_hash
-    encoder = encoder.to(device)
-    px = cfg.input_px or spec.input_px
+    from tqdm.auto import trange
 
-    items = read_labels(labels_csv)
-    classes = sorted({it.label for it in items})
-    if len(classes) < 2:
-        raise ConfigError(f"labels file {labels_csv} has a single class {classes}: need at least 2")
-    targets = [classes.index(it.label) for it in items]
-    tr, va = stratified_split(targets, cfg.val_fraction, cfg.seed)
-    train_ds = RegionDataset([items[i] for i in tr], [targets[i] for i in tr], px)
-    val_ds = RegionDataset([items[i] for i in va], [targets[i] for i in va], px)
-    counts = np.bincount([targets[i] for i in tr], minlength=len(classes))
-    class_w = torch.tensor(len(tr) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
-    log.info(
-        "fine-tuning %s on %d regions (%d train / %d held out), classes %s, %s backbone, %d px",
-        spec.name, len(items), len(tr), len(va), classes,
-        "training the" if cfg.train_backbone else "frozen", px,
-    )  # fmt: skip
-
-    clf = EncoderClassifier(encoder, len(classes), spec.embed_dim).to(device)
+    targets = [int(train_ds[i][1]) for i in range(len(train_ds))]
+    class_w = class_weights(targets, n_classes)
+    clf = EncoderClassifier(encoder, n_classes, spec.embed_dim).to(device)
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    from tqdm.auto import trange
+
+    def keep(epoch: int, m: dict[str, Any] | None, module: nn.Module) -> None:
+        nonlocal best
+        score = m["balanced_accuracy"] if m is not None else float(epoch)
+        if best is None or score >= best[0]:
+            best = (
+                score,
+                epoch,
+                {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+            )
 
     if not cfg.train_backbone:
         encoder.requires_grad_(False)
-        f_tr, y_tr = _embed_all(encoder, _loader(train_ds, cfg, False, cfg.seed), spec, device)
-        f_va, y_va = _embed_all(encoder, _loader(val_ds, cfg, False, cfg.seed), spec, device)
+        f_tr, y_tr = embed_dataset(encoder, train_ds, spec, device, cfg.batch_size)
+        f_va, y_va = (
+            embed_dataset(encoder, val_ds, spec, device, cfg.batch_size) if val_ds else (None, None)
+        )
+        if feature_cache is not None:
+            feature_cache.update(train=f_tr, val=f_va)
         head = clf.head.cpu()
         opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -266,78 +384,147 @@ def finetune(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            head.eval()
-            with torch.no_grad():
-                pred = head(f_va).argmax(1).numpy()
-            m = classification_metrics(y_va.numpy(), pred, len(classes))
-            history.append({"epoch": epoch + 1, "loss": float(loss.item()), **m})
-            if best is None or m["balanced_accuracy"] >= best[0]:  # ties: the later epoch
-                best = (
-                    m["balanced_accuracy"],
-                    epoch + 1,
-                    {k: v.clone() for k, v in head.state_dict().items()},
-                )
+            m = None
+            if f_va is not None:
+                head.eval()
+                with torch.no_grad():
+                    m = classification_metrics(
+                        y_va.numpy(), head(f_va).argmax(1).numpy(), n_classes
+                    )
+            history.append({"epoch": epoch + 1, "loss": float(loss.item()), **(m or {})})
+            keep(epoch + 1, m, head)
+        assert best is not None
         head.load_state_dict(best[2])
         clf.head = head.to(device)
-        with torch.no_grad():
-            train_pred = head(f_tr).argmax(1).numpy()
-            val_pred = head(f_va).argmax(1).numpy()
-        train_true, val_true = y_tr.numpy(), y_va.numpy()
-    else:
-        opt = torch.optim.AdamW(
-            [
-                {"params": clf.encoder.parameters(), "lr": cfg.backbone_lr},
-                {"params": clf.head.parameters(), "lr": cfg.lr},
-            ],
-            weight_decay=0.05,
-        )
-        train_loader = _loader(train_ds, cfg, True, cfg.seed)
-        total = cfg.epochs * max(1, len(train_loader))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
-        )
-        aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        val_loader = _loader(val_ds, cfg, False, cfg.seed)
-        for epoch in trange(cfg.epochs, disable=not progress, desc="finetune"):
-            clf.train()
-            for tiles, y in train_loader:
-                x = normalize(
-                    augment_batch(tiles, generator=aug_gen).to(device), spec.mean, spec.std
-                )
-                loss = F.cross_entropy(clf(x), y.to(device), weight=class_w.to(device))
-                opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
-                opt.step()
-                sched.step()
-            val_true, val_pred = _predict(clf, val_loader, spec, device)
-            m = classification_metrics(val_true, val_pred, len(classes))
-            history.append({"epoch": epoch + 1, "loss": float(loss.item()), **m})
-            if best is None or m["balanced_accuracy"] >= best[0]:  # ties: the later epoch
-                state = {k: v.detach().cpu().clone() for k, v in clf.state_dict().items()}
-                best = (m["balanced_accuracy"], epoch + 1, state)
-        clf.load_state_dict(best[2])
-        train_true, train_pred = _predict(
-            clf, _loader(train_ds, cfg, False, cfg.seed), spec, device
-        )
-        val_true, val_pred = _predict(clf, val_loader, spec, device)
+        encoder.requires_grad_(True)
+        return clf, best[1], history
 
-    val_m = classification_metrics(val_true, val_pred, len(classes))
-    train_m = classification_metrics(train_true, train_pred, len(classes))
+    opt = torch.optim.AdamW(
+        [
+            {"params": clf.encoder.parameters(), "lr": cfg.backbone_lr},
+            {"params": clf.head.parameters(), "lr": cfg.lr},
+        ],
+        weight_decay=0.05,
+    )
+    train_loader = _loader(train_ds, cfg, True, cfg.seed)
+    total = cfg.epochs * max(1, len(train_loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    class_w = class_w.to(device)
+    for epoch in trange(cfg.epochs, disable=not progress, desc="finetune"):
+        clf.train()
+        for tiles, y in train_loader:
+            x = normalize(augment_batch(tiles, generator=aug_gen).to(device), spec.mean, spec.std)
+            loss = F.cross_entropy(clf(x), y.to(device), weight=class_w)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        m = None
+        if val_ds is not None:
+            y_va, p_va = predict_proba(clf, val_ds, spec, device, cfg.batch_size)
+            m = classification_metrics(y_va, p_va.argmax(1), n_classes)
+        history.append({"epoch": epoch + 1, "loss": float(loss.item()), **(m or {})})
+        keep(epoch + 1, m, clf)
+    assert best is not None
+    clf.load_state_dict(best[2])
+    return clf, best[1], history
+
+
+def _scored_test(
+    y: np.ndarray, prob: np.ndarray, train_classes: set[int], n_classes: int
+) -> dict[str, Any]:
+    """Test metrics over the examples whose class the training split holds (others counted)."""
+    keep = np.array([int(c) in train_classes for c in y], dtype=bool)
+    m = classification_metrics(y[keep], prob[keep].argmax(1), n_classes)
+    m["n_excluded_class_not_in_train"] = int((~keep).sum())
+    return m
+
+
+def finetune(
+    encoder_path: str | Path,
+    labels: str | Path,
+    out_path: str | Path,
+    cfg: FinetuneConfig,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune `encoder_path` (an ssmamba.pt checkpoint or a registered name) on `labels`
+    (an ImageFolder directory or a labels CSV, see the module doc).
+
+    Returns the metrics dict: `test` (never used for selection), `val` (selection), `train`,
+    classes, best epoch, split sizes and groups, paths.
+    """
+    t0 = time.time()
+    out_path = Path(out_path)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    encoder, spec = load_encoder(encoder_path, device="cpu", scan_backend=cfg.scan_backend)
+    base_hash = spec.weights_hash
+    encoder = encoder.to(device)
+    px = cfg.input_px or spec.input_px
+
+    items = read_labelled(labels, cfg.group_regex)
+    classes = sorted({it.label for it in items})
+    targets = [classes.index(it.label) for it in items]
+    groups = [it.group for it in items]
+    grouped = all(g is not None for g in groups)
+    tr, va, te = three_way_split(
+        targets, groups if grouped else None, cfg.val_fraction, cfg.test_fraction, cfg.seed
+    )  # type: ignore[arg-type]
+    if not te:
+        log.warning("test_fraction is 0: no test split; the validation metrics are optimistic")
+    n_classes = len(classes)
+
+    def ds(idx: list[int]) -> RegionDataset:
+        return RegionDataset([items[i] for i in idx], [targets[i] for i in idx], px)
+
+    log.info(
+        "fine-tuning %s on %d regions (%d train / %d val / %d test%s), classes %s, %s backbone, %d px",
+        spec.name, len(items), len(tr), len(va), len(te),
+        f", grouped by {len(set(groups))} groups" if grouped else "", classes,
+        "training the" if cfg.train_backbone else "frozen", px,
+    )  # fmt: skip
+    cache: dict[str, torch.Tensor | None] = {}
+    clf, best_epoch, history = fit_classifier(
+        encoder, spec, n_classes, ds(tr), ds(va), cfg, device, progress, cache
+    )
+    train_classes = {targets[i] for i in tr}
+    results: dict[str, Any] = {}
+    for name, idx in (("train", tr), ("val", va), ("test", te)):
+        if not idx:
+            results[name] = classification_metrics(np.array([]), np.array([]), n_classes)
+            continue
+        feats = cache.get(name)
+        if feats is not None:  # frozen backbone: score the head on the cached embeddings
+            with torch.no_grad():
+                prob = torch.softmax(clf.head(feats.to(device)).float(), 1).cpu().numpy()
+            y = np.asarray([targets[i] for i in idx])
+        else:
+            y, prob = predict_proba(clf, ds(idx), spec, device, cfg.batch_size)
+        results[name] = _scored_test(y, prob, train_classes, n_classes)
+
+    split_info = {
+        "n_train": len(tr), "n_val": len(va), "n_test": len(te), "grouped": grouped,
+        "groups": {k: sorted({str(groups[i]) for i in idx}) for k, idx in
+                   (("train", tr), ("val", va), ("test", te))} if grouped else None,
+    }  # fmt: skip
     provenance = {
         "stage": "finetune",
         "base_encoder": str(encoder_path),
         "base_weights_hash": base_hash,
-        "data": {"labels_csv": str(Path(labels_csv).resolve()), "n": len(items), "n_train": len(tr),
-                 "n_val": len(va), "classes": classes},
+        "data": {"labels": str(Path(labels).resolve()), "n": len(items), **split_info,
+                 "classes": classes},
         "steps": cfg.epochs,
         "loss": history[-1]["loss"],
-        "best_epoch": best[1],
-        "metrics": {k: val_m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+        "best_epoch": best_epoch,
+        "metrics": {k: results["test" if te else "val"][k]
+                    for k in ("accuracy", "balanced_accuracy", "macro_f1")},
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg.config_hash(),
     }  # fmt: skip
-    encoder.requires_grad_(True)
     digest = save_encoder(clf.encoder, out_path, provenance, head=clf.head, classes=classes)
     metrics_path = out_path.with_name(out_path.stem + ".metrics.json")
     result = {
@@ -345,27 +532,20 @@ def finetune(
         "metrics_path": str(metrics_path),
         "content_hash": digest,
         "classes": classes,
-        "best_epoch": best[1],
-        "val": val_m,
-        "train": train_m,
+        "best_epoch": best_epoch,
+        "test": results["test"],
+        "val": results["val"],
+        "train": results["train"],
+        "split": split_info,
         "history": history,
         "train_backbone": cfg.train_backbone,
         "seconds": round(time.time() - t0, 2),
     }
     atomic_write_json(metrics_path, result)
+    rep = results["test" if te else "val"]
     log.info(
-        "fine-tuning done: held-out accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f -> %s",
-        val_m["accuracy"], val_m["balanced_accuracy"], val_m["macro_f1"], out_path,
+        "fine-tuning done: %s accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f -> %s",
+        "test" if te else "validation (no test split)",
+        rep["accuracy"], rep["balanced_accuracy"], rep["macro_f1"], out_path,
     )  # fmt: skip
     return result
-
-
-@torch.no_grad()
-def _predict(clf: nn.Module, loader: DataLoader, spec: Any, device: torch.device):  # noqa: ANN202
-    clf.eval()
-    ys, preds = [], []
-    for tiles, y in loader:
-        x = normalize(tiles.to(device).float() / 255.0, spec.mean, spec.std)
-        preds.append(clf(x).argmax(1).cpu())
-        ys.append(y)
-    return torch.cat(ys).numpy(), torch.cat(preds).numpy()

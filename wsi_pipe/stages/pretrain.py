@@ -1,10 +1,13 @@
-"""`wsi-pipe pretrain`: MAMIM self-supervised pretraining of a tile encoder on a run's tiles.
+"""`wsi-pipe pretrain`: MAMIM self-supervised pretraining of a tile encoder on a run's tiles,
+or on a folder of ROI images (`pretrain_images`, `wsi-pipe pretrain --images DIR`: SSMamba is an
+ROI-level model, pretrained on the target ROI data itself).
 
 1. Tiles are sampled (up to `max_tiles`, seeded) from the coordinate stores of every grid of the
    run (`RunLayout.tile_mpps()`, or `cfg.mpps`), i.e. across magnifications.
 2. DataLoader workers read them from the slides (each worker opens its own handles, lazily):
    the region `read_size_px` at `read_level` under each stored level-0 (x, y), resized to the
-   encoder input px; uint8 batches go to the device.
+   encoder input px; uint8 batches go to the device. ROI images are read the same way, each
+   resized once to the input px with the same `resize_tile`.
 3. On the device: dihedral flips/rotations, HED stain and brightness/contrast jitter,
    normalisation with the encoder's mean/std, a random mask of `mask_ratio` of the mask units.
 4. MAMIM (`wsi_pipe.encoders.mamim`): masked tokens become a learned mask token and stay in the
@@ -25,7 +28,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,13 @@ from wsi_pipe.core.fsutil import atomic_path, atomic_write_json, atomic_write_te
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.encoders import MAMIM, create_encoder, get_encoder_spec, save_encoder
 from wsi_pipe.encoders.augment import augment_batch, normalize
-from wsi_pipe.stages.tile_dataset import TileDataset, TileSource, collate_tiles, worker_init
+from wsi_pipe.imageops.tiles import resize_tile
+from wsi_pipe.stages.tile_dataset import (
+    TileDataset,
+    TileSource,
+    collate_tiles,
+    worker_init,
+)
 from wsi_pipe.store import open_store, schema
 
 log = logging.getLogger(__name__)
@@ -254,6 +263,90 @@ def pretrain(
     n_tiles, seconds, device. Raises EmptyInputError (no tiles), ConfigError (bad arch / device),
     CheckpointError (unreadable resume state).
     """
+    tiles = sample_tiles(run_dir, cfg, cfg.input_px)
+    data_info = {
+        "run_dir": str(Path(run_dir).resolve()),
+        "mpps": tiles.mpps,
+        "slides": sorted({s.slide_id for s in tiles.sources}),
+        "tiles_sampled": len(tiles.index),
+        "tiles_available": tiles.n_available,
+    }
+    return pretrain_dataset(PretrainTiles(tiles), data_info, cfg, out_path, resume, progress)
+
+
+class ImageTiles(Dataset):
+    """`ds[i] -> (tile (3, px, px) uint8, i)` from image files (read and resized on access) or
+    from an in-memory (n, px, px, 3) uint8 array."""
+
+    def __init__(self, images: Sequence[str] | np.ndarray, px: int) -> None:
+        self.images, self.px = images, px
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if isinstance(self.images, np.ndarray):
+            tile = self.images[i]
+        else:
+            from wsi_pipe.data.images import read_rgb
+
+            tile = resize_tile(np.ascontiguousarray(read_rgb(self.images[i])), self.px)
+        return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1), int(i)
+
+
+def pretrain_images(
+    images: str | Path | Sequence[str] | np.ndarray,
+    cfg: PretrainConfig,
+    out_path: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """MAMIM-pretrain on ROI images instead of a run's tiles (`wsi-pipe pretrain --images DIR`).
+
+    images: a folder (every image under it, recursively; class sub-folders are fine, labels are
+    not used), a list of image files, or tiles already loaded as (n, px, px, 3) uint8 with
+    px = cfg.input_px. Each image is resized once to `cfg.input_px` (`resize_tile`). Up to
+    `cfg.max_tiles` images are drawn (seeded). Same outputs as `pretrain`.
+    """
+    from wsi_pipe.data.images import list_images
+
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[1:] != (cfg.input_px, cfg.input_px, 3):
+            raise ConfigError(
+                f"in-memory tiles must be (n, {cfg.input_px}, {cfg.input_px}, 3) uint8, got "
+                f"{images.shape}"
+            )
+        source, pool = "array", images
+    else:
+        if isinstance(images, (str, Path)):
+            source, files = str(Path(images).resolve()), list_images(images)
+        else:
+            source, files = "file list", [str(f) for f in images]
+        if not files:
+            raise EmptyInputError("no images to pretrain on: give a folder or files of ROI images")
+        pool = files  # type: ignore[assignment]
+    n_available = len(pool)
+    if n_available > cfg.max_tiles:
+        pick = np.sort(
+            np.random.default_rng(cfg.seed).choice(n_available, cfg.max_tiles, replace=False)
+        )
+        pool = pool[pick] if isinstance(pool, np.ndarray) else [pool[i] for i in pick]
+    data_info = {"images": source, "tiles_sampled": len(pool), "tiles_available": n_available}
+    return pretrain_dataset(
+        ImageTiles(pool, cfg.input_px), data_info, cfg, out_path, resume, progress
+    )
+
+
+def pretrain_dataset(
+    dataset: Dataset,
+    data_info: dict[str, Any],
+    cfg: PretrainConfig,
+    out_path: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """MAMIM training loop over `dataset` (items `(tile (3, px, px) uint8, i)`, px =
+    `cfg.input_px`); `data_info` goes into the checkpoint's provenance. See `pretrain`."""
     t_start = time.time()
     out_path = Path(out_path)
     paths = output_paths(out_path)
@@ -280,8 +373,8 @@ def pretrain(
         )
     model = MAMIM(encoder, mask_px=mask_px, norm_pix_loss=cfg.norm_pix_loss).to(device)
 
-    tiles = sample_tiles(run_dir, cfg, cfg.input_px)
-    dataset = PretrainTiles(tiles)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise EmptyInputError("nothing to pretrain on: the tile / image set is empty")
     batch_size = min(cfg.batch_size, len(dataset))
     sampler = PassSampler(len(dataset), cfg.seed)
     batches_per_pass = len(dataset) // batch_size
@@ -367,9 +460,10 @@ def pretrain(
         _write_loss_csv(paths["loss_csv"], history)
 
     log.info(
-        "MAMIM pretraining %s: %d tiles sampled of %d (grids %s), %d steps, batch %d, "
+        "MAMIM pretraining %s: %d tiles sampled of %d (%s), %d steps, batch %d, "
         "input %d px, mask %d px x %.2f, device %s%s",
-        cfg.arch, len(dataset), tiles.n_available, tiles.mpps, total_steps, batch_size,
+        cfg.arch, len(dataset), data_info.get("tiles_available", len(dataset)),
+        data_info.get("mpps") or data_info.get("images"), total_steps, batch_size,
         cfg.input_px, mask_px, cfg.mask_ratio, device, f", AMP {amp_dtype}" if use_amp else "",
     )  # fmt: skip
     from tqdm.auto import tqdm
@@ -420,13 +514,7 @@ def pretrain(
     provenance = {
         "stage": "pretrain",
         "method": "MAMIM",
-        "data": {
-            "run_dir": str(Path(run_dir).resolve()),
-            "mpps": tiles.mpps,
-            "slides": sorted({s.slide_id for s in tiles.sources}),
-            "tiles_sampled": len(dataset),
-            "tiles_available": tiles.n_available,
-        },
+        "data": data_info,
         "steps": step,
         "epochs": cfg.epochs,
         "loss": {"first": first, "last": last, "window": k},
