@@ -60,12 +60,12 @@ class ScanFlops:
         self._orig_cross = scan_cpu_mod.cross_scan_numba
 
     def __enter__(self) -> ScanFlops:
-        def counted(u, delta, A, B, C, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        def counted(u, delta, A, B, C, *args, **kw):
             b, d, length = u.shape
             self.flops += SCAN_FLOPS_PER_ELEMENT * b * d * length * A.shape[1]
             return self._orig(u, delta, A, B, C, *args, **kw)
 
-        def counted_cross(x, delta, A, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        def counted_cross(x, delta, A, *args, **kw):
             b, e, length = x.shape
             self.flops += SCAN_FLOPS_PER_ELEMENT * b * 4 * e * length * A.shape[1]
             return self._orig_cross(x, delta, A, *args, **kw)

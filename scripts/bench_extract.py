@@ -67,9 +67,12 @@ class SmallCNN(nn.Module):
     def __init__(self, dim: int = 128) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 8, stride=8), nn.GELU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, dim, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(3, 32, 8, stride=8),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, dim, 3, stride=2, padding=1),
+            nn.GELU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
 
@@ -94,8 +97,9 @@ def write_synthetic_slide(path: Path, width: int, height: int, mpp: float = 0.5)
     write_pyramidal_tiff(path, width, height, mpp, levels=3, painter=painter)
 
 
-def make_run(run: Path, slide: Path, tile_px: int, n_tiles: int, backend: str, store: str,
-             mpp: float) -> tuple[np.ndarray, dict]:
+def make_run(
+    run: Path, slide: Path, tile_px: int, n_tiles: int, backend: str, store: str, mpp: float
+) -> tuple[np.ndarray, dict]:
     """A run folder with one slide and one coords store (a full level-0 grid)."""
     from wsi_pipe.readers import open_slide
 
@@ -108,29 +112,52 @@ def make_run(run: Path, slide: Path, tile_px: int, n_tiles: int, backend: str, s
     coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.int64)[:n_tiles]
     layout = RunLayout(run)
     attrs = {
-        "kind": "coords", "slide_id": "synth", "slide_path": str(slide), "backend": reader_backend,
-        "level0_mpp": level0_mpp, "target_mpp": level0_mpp, "tile_px": tile_px, "read_level": 0,
-        "read_size_px": tile_px, "tile_size_level0": tile_px, "level0_width": w,
-        "level0_height": h, "parent_mpp": -1.0, "config_hash": "bench",
+        "kind": "coords",
+        "slide_id": "synth",
+        "slide_path": str(slide),
+        "backend": reader_backend,
+        "level0_mpp": level0_mpp,
+        "target_mpp": level0_mpp,
+        "tile_px": tile_px,
+        "read_level": 0,
+        "read_size_px": tile_px,
+        "tile_size_level0": tile_px,
+        "level0_width": w,
+        "level0_height": h,
+        "parent_mpp": -1.0,
+        "config_hash": "bench",
     }
-    write_store(layout.coords_store("synth", mpp, store), {
-        schema.COORDS: coords, schema.TISSUE_FRACTION: np.ones(len(coords), np.float32),
-        schema.PARENT_INDEX: np.full(len(coords), -1, np.int64)}, attrs)
+    write_store(
+        layout.coords_store("synth", mpp, store),
+        {
+            schema.COORDS: coords,
+            schema.TISSUE_FRACTION: np.ones(len(coords), np.float32),
+            schema.PARENT_INDEX: np.full(len(coords), -1, np.int64),
+        },
+        attrs,
+    )
     save_slide_table(layout.slides_table, [SlideEntry("synth", str(slide), "synth")])
     return coords, attrs
 
 
-def make_multi_run(run: Path, slide: Path, coords: np.ndarray, attrs: dict, k: int, store: str,
-                   mpp: float) -> None:
+def make_multi_run(
+    run: Path, slide: Path, coords: np.ndarray, attrs: dict, k: int, store: str, mpp: float
+) -> None:
     """A run folder of `k` slides (ids synth0..), each a consecutive share of `coords` on the
     same file: many small slides, as in a biopsy cohort."""
     layout = RunLayout(run)
     entries = []
     for i, part in enumerate(np.array_split(coords, k)):
         sid = f"synth{i}"
-        write_store(layout.coords_store(sid, mpp, store), {
-            schema.COORDS: part, schema.TISSUE_FRACTION: np.ones(len(part), np.float32),
-            schema.PARENT_INDEX: np.full(len(part), -1, np.int64)}, {**attrs, "slide_id": sid})
+        write_store(
+            layout.coords_store(sid, mpp, store),
+            {
+                schema.COORDS: part,
+                schema.TISSUE_FRACTION: np.ones(len(part), np.float32),
+                schema.PARENT_INDEX: np.full(len(part), -1, np.int64),
+            },
+            {**attrs, "slide_id": sid},
+        )
         entries.append(SlideEntry(sid, str(slide), sid))
     save_slide_table(layout.slides_table, entries)
 
@@ -154,8 +181,14 @@ def resident_fraction(path: Path) -> float | None:
         return 0.0
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     n_pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
@@ -182,30 +215,38 @@ def med_min_max(values: list[float]) -> tuple[float, float, float]:
 
 def fmt(values: list[float], unit: str = "tiles/s", digits: int = 1) -> str:
     med, lo, hi = med_min_max(values)
-    return f"{med:.{digits}f} {unit} (min-max {lo:.{digits}f}-{hi:.{digits}f}, {len(values)} rounds)"
+    return (
+        f"{med:.{digits}f} {unit} (min-max {lo:.{digits}f}-{hi:.{digits}f}, {len(values)} rounds)"
+    )
 
 
 def build_encoder(name: str, input_px: int, device: torch.device) -> ex.EncoderBundle:
     if name == "small-cnn":
-        spec = SimpleNamespace(name=name, input_px=input_px, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                               embed_dim=128)
+        spec = SimpleNamespace(
+            name=name, input_px=input_px, mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=128
+        )
         return ex.encoder_bundle(SmallCNN(128), spec, "random", name, device)
     from wsi_pipe.encoders import create_encoder  # registered arch, random weights
 
     made = create_encoder(name)
     model, spec = made if isinstance(made, tuple) else (made, made.spec)
     if input_px != int(spec.input_px):
-        spec = SimpleNamespace(**{k: getattr(spec, k) for k in ("name", "mean", "std", "embed_dim")},
-                               input_px=input_px)
+        spec = SimpleNamespace(
+            **{k: getattr(spec, k) for k in ("name", "mean", "std", "embed_dim")}, input_px=input_px
+        )
     return ex.encoder_bundle(model, spec, "random", name, device)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--slide", type=Path, help="use this slide instead of a synthetic one")
     p.add_argument("--tiles", type=int, default=2304, help="tiles to extract")
     p.add_argument("--tile-px", type=int, default=256)
-    p.add_argument("--input-px", type=int, default=224, help="encoder input px (resize when != tile px)")
+    p.add_argument(
+        "--input-px", type=int, default=224, help="encoder input px (resize when != tile px)"
+    )
     p.add_argument("--encoder", default="small-cnn")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32")
@@ -214,23 +255,45 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     p.add_argument("--backend", default="openslide", help="reader: openslide | tiffslide")
     p.add_argument("--store", default="h5")
-    p.add_argument("--slides", type=int, default=16,
-                   help="also extract the same tiles split into this many slides, with workers kept "
-                        "across slides and, as the baseline, restarted per slide (0: skip)")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="rounds of (a, b, c); each rate is reported as median and min-max")
-    p.add_argument("--cold", action="store_true",
-                   help="also measure (a) and (c) after dropping the slide from the page cache")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="folder for the synthetic slide and run (default: a temp folder; use a "
-                        "disk-backed one for --cold, tmpfs pages cannot be dropped)")
+    p.add_argument(
+        "--slides",
+        type=int,
+        default=16,
+        help="also extract the same tiles split into this many slides, with workers kept "
+        "across slides and, as the baseline, restarted per slide (0: skip)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of (a, b, c); each rate is reported as median and min-max",
+    )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="also measure (a) and (c) after dropping the slide from the page cache",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="folder for the synthetic slide and run (default: a temp folder; use a "
+        "disk-backed one for --cold, tmpfs pages cannot be dropped)",
+    )
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args()
 
     device = ex.resolve_device(args.device)
-    cfg = ExtractConfig(encoder=args.encoder, device=device.type, batch_size=args.batch_size,
-                        workers=args.workers, threads=args.threads, precision=args.precision,
-                        store=args.store, name="bench")
+    cfg = ExtractConfig(
+        encoder=args.encoder,
+        device=device.type,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        threads=args.threads,
+        precision=args.precision,
+        store=args.store,
+        name="bench",
+    )
     threads = ex.cpu_threads_for(cfg, device)
     enc = build_encoder(args.encoder, args.input_px, device)
     mpp = 0.5
@@ -243,14 +306,26 @@ def main() -> int:
             write_synthetic_slide(slide, side, side, mpp)
             print(f"synthetic slide {side}x{side} px written in {time.perf_counter() - t0:.1f} s")
         run = Path(tmp) / "run"
-        coords, attrs = make_run(run, slide, args.tile_px, args.tiles, args.backend, args.store, mpp)
+        coords, attrs = make_run(
+            run, slide, args.tile_px, args.tiles, args.backend, args.store, mpp
+        )
         n = len(coords)
-        src = TileSource("synth", str(slide), attrs["backend"], 0, args.tile_px, enc.input_px, coords,
-                         attrs["level0_mpp"])
-        print(f"{n} tiles of {args.tile_px} px -> {enc.input_px} px, encoder {args.encoder}, "
-              f"device {device}, {args.precision}, batch {args.batch_size}, workers {args.workers}, "
-              f"main threads {threads if threads is not None else torch.get_num_threads()}, "
-              f"reader {attrs['backend']}, cores {len(os.sched_getaffinity(0))}")
+        src = TileSource(
+            "synth",
+            str(slide),
+            attrs["backend"],
+            0,
+            args.tile_px,
+            enc.input_px,
+            coords,
+            attrs["level0_mpp"],
+        )
+        print(
+            f"{n} tiles of {args.tile_px} px -> {enc.input_px} px, encoder {args.encoder}, "
+            f"device {device}, {args.precision}, batch {args.batch_size}, workers {args.workers}, "
+            f"main threads {threads if threads is not None else torch.get_num_threads()}, "
+            f"reader {attrs['backend']}, cores {len(os.sched_getaffinity(0))}"
+        )
 
         shift, scale = ex.norm_params(enc, device)
 
@@ -281,10 +356,12 @@ def main() -> int:
         def measure_b() -> float:
             """The encoder alone on in-memory uint8 batches (normalisation included)."""
             with ex.torch_threads(threads):
-                ex.embed_batches(enc, batches[:3], lambda r, f: None, device=device,
-                                 precision=args.precision)  # warm-up
-                tb = ex.embed_batches(enc, batches, lambda r, f: None, device=device,
-                                      precision=args.precision)
+                ex.embed_batches(
+                    enc, batches[:3], lambda r, f: None, device=device, precision=args.precision
+                )  # warm-up
+                tb = ex.embed_batches(
+                    enc, batches, lambda r, f: None, device=device, precision=args.precision
+                )
             return tb.n_tiles / tb.total_s
 
         def measure_c() -> tuple[float, dict]:
@@ -302,8 +379,14 @@ def main() -> int:
 
         def measure_multi(persistent: bool) -> float:
             t0 = time.perf_counter()
-            summary = ex.run_extract(multi, cfg, progress=False, encoder=enc, overwrite=True,
-                                     persistent_workers=persistent)
+            summary = ex.run_extract(
+                multi,
+                cfg,
+                progress=False,
+                encoder=enc,
+                overwrite=True,
+                persistent_workers=persistent,
+            )
             dt = time.perf_counter() - t0
             if not summary.ok:
                 raise SystemExit(f"extract failed: {summary.results}")
@@ -331,29 +414,36 @@ def main() -> int:
             rc, info = measure_c()
             rates["c"].append(rc)
             waits.append(info["data_wait"]["0.5"])
-            line = (f"  round {rep}: a {rates['a'][-1]:.1f}, b {rates['b'][-1]:.1f}, c {rc:.1f} "
-                    f"tiles/s, c/min(a,b) {rc / min(rates['a'][-1], rates['b'][-1]):.3f}, model "
-                    f"waited for data {waits[-1]}")
+            line = (
+                f"  round {rep}: a {rates['a'][-1]:.1f}, b {rates['b'][-1]:.1f}, c {rc:.1f} "
+                f"tiles/s, c/min(a,b) {rc / min(rates['a'][-1], rates['b'][-1]):.3f}, model "
+                f"waited for data {waits[-1]}"
+            )
             if args.cold:
                 left = go_cold()
                 rates["a_cold"].append(measure_a())
                 go_cold()
                 rates["c_cold"].append(measure_c()[0])
                 resident.append(left if left is not None else float("nan"))
-                line += (f"; cold ({'?' if left is None else f'{left:.0%}'} resident after the "
-                         f"drop): a {rates['a_cold'][-1]:.1f}, c {rates['c_cold'][-1]:.1f}")
+                line += (
+                    f"; cold ({'?' if left is None else f'{left:.0%}'} resident after the "
+                    f"drop): a {rates['a_cold'][-1]:.1f}, c {rates['c_cold'][-1]:.1f}"
+                )
             if args.slides > 1:
                 warm_up_cache()
                 rates["kept"].append(measure_multi(True))
                 rates["restarted"].append(measure_multi(False))
-                line += (f"; {args.slides} slides: workers kept {rates['kept'][-1]:.1f}, restarted "
-                         f"per slide {rates['restarted'][-1]:.1f} tiles/s")
+                line += (
+                    f"; {args.slides} slides: workers kept {rates['kept'][-1]:.1f}, restarted "
+                    f"per slide {rates['restarted'][-1]:.1f} tiles/s"
+                )
             print(line, flush=True)
 
     def round_ratios(a_key: str, c_key: str) -> list[float]:
         """(c) / min(a, b) of each round: a, b and c of one round saw the same machine load."""
-        return [c / min(a, b) for a, b, c in zip(rates[a_key], rates["b"], rates[c_key],
-                                                 strict=True)]
+        return [
+            c / min(a, b) for a, b, c in zip(rates[a_key], rates["b"], rates[c_key], strict=True)
+        ]
 
     print("warm page cache (the slide was read just before):")
     print(f"(a) I/O floor   : {fmt(rates['a'])}")
@@ -375,26 +465,40 @@ def main() -> int:
     for mode, rr in ratios.items():
         med, lo, hi = med_min_max(rr)
         verdicts[mode] = med >= 0.9
-        print(f"ratio (c) / min(a, b), {mode}: median {med:.3f} (min-max {lo:.3f}-{hi:.3f} over "
-              f"{len(rr)} rounds); goal >= 0.90 on the median: "
-              f"{'met' if verdicts[mode] else 'NOT met'}")
+        print(
+            f"ratio (c) / min(a, b), {mode}: median {med:.3f} (min-max {lo:.3f}-{hi:.3f} over "
+            f"{len(rr)} rounds); goal >= 0.90 on the median: "
+            f"{'met' if verdicts[mode] else 'NOT met'}"
+        )
     multi_d = {}
     if args.slides > 1:
         per_slide = args.tiles / args.slides
         speedup = [k / r for k, r in zip(rates["kept"], rates["restarted"], strict=True)]
-        print(f"{args.slides} slides of ~{per_slide:.0f} tiles: workers kept across slides "
-              f"{fmt(rates['kept'])}; restarted per slide {fmt(rates['restarted'])}; kept / "
-              f"restarted {fmt(speedup, 'x', 2)}")
-        multi_d = {"slides": args.slides, "kept_tiles_s": med_min_max(rates["kept"]),
-                   "restarted_tiles_s": med_min_max(rates["restarted"])}
+        print(
+            f"{args.slides} slides of ~{per_slide:.0f} tiles: workers kept across slides "
+            f"{fmt(rates['kept'])}; restarted per slide {fmt(rates['restarted'])}; kept / "
+            f"restarted {fmt(speedup, 'x', 2)}"
+        )
+        multi_d = {
+            "slides": args.slides,
+            "kept_tiles_s": med_min_max(rates["kept"]),
+            "restarted_tiles_s": med_min_max(rates["restarted"]),
+        }
     if args.json:
-        args.json.write_text(json.dumps({
-            **multi_d, "rounds": rates, "resident_after_drop": resident,
-            "median_min_max": {k: med_min_max(v) for k, v in rates.items() if v},
-            "ratio_median_min_max": {m: med_min_max(r) for m, r in ratios.items()},
-            "goal_met_on_median": verdicts,
-            "args": {k: str(v) for k, v in vars(args).items()},
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    **multi_d,
+                    "rounds": rates,
+                    "resident_after_drop": resident,
+                    "median_min_max": {k: med_min_max(v) for k, v in rates.items() if v},
+                    "ratio_median_min_max": {m: med_min_max(r) for m, r in ratios.items()},
+                    "goal_met_on_median": verdicts,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -15,7 +15,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def shared_data() -> Path:
     """Path to the shared real test data (../shared/data beside the repo)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA} (clone the repo beside ../shared)")
+        pytest.skip(
+            f"shared test data not found at {SHARED_DATA} (clone the repo beside ../shared)"
+        )
     return SHARED_DATA
 
 

@@ -16,10 +16,25 @@ import numpy as np
 from wsi_pipe.store import open_store
 
 #: keys whose values legitimately differ between two identical runs (times, hosts, paths)
-VOLATILE_KEYS = frozenset({
-    "seconds", "seconds_io", "seconds_total", "started", "finished", "host", "pid", "job",
-    "time", "timestamp", "created", "tiles_per_s", "data_wait", "history_seconds", "saved_at",
-})
+VOLATILE_KEYS = frozenset(
+    {
+        "seconds",
+        "seconds_io",
+        "seconds_total",
+        "started",
+        "finished",
+        "host",
+        "pid",
+        "job",
+        "time",
+        "timestamp",
+        "created",
+        "tiles_per_s",
+        "data_wait",
+        "history_seconds",
+        "saved_at",
+    }
+)
 
 
 def final_files(root: Path, subdirs: Iterable[str]) -> dict[str, Path]:
@@ -58,8 +73,9 @@ def _strip(obj: object, root_a: str, root_b: str) -> object:
     return obj
 
 
-def assert_store_equal(a: Path, b: Path, ignore_attrs: Iterable[str] = (),
-                       roots: tuple[str, str] = ("", "")) -> None:
+def assert_store_equal(
+    a: Path, b: Path, ignore_attrs: Iterable[str] = (), roots: tuple[str, str] = ("", "")
+) -> None:
     """Same arrays (dtype, shape, values) and attributes; paths under run folder roots[1] read
     as under roots[0]."""
     ign = set(ignore_attrs)
@@ -78,12 +94,13 @@ def assert_store_equal(a: Path, b: Path, ignore_attrs: Iterable[str] = (),
             assert ra.array_attrs(name) == rb.array_attrs(name), (a, name)
 
 
-def assert_same_outputs(root_a: Path, root_b: Path, subdirs: Iterable[str],
-                        ignore_attrs: Iterable[str] = ()) -> int:
+def assert_same_outputs(
+    root_a: Path, root_b: Path, subdirs: Iterable[str], ignore_attrs: Iterable[str] = ()
+) -> int:
     """Every final file under `subdirs` exists in both runs with equal content. Returns count."""
     subdirs = list(subdirs)
     fa, fb = final_files(root_a, subdirs), final_files(root_b, subdirs)
-    assert sorted(fa) == sorted(fb), (sorted(set(fa) ^ set(fb)))
+    assert sorted(fa) == sorted(fb), sorted(set(fa) ^ set(fb))
     for rel, pa in fa.items():
         pb = fb[rel]
         if pa.suffix in (".h5", ".zarr"):

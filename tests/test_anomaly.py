@@ -263,7 +263,7 @@ score_anomaly(sys.argv[1], model=sys.argv[2], progress=False)
 """
 
 
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 90.0) -> None:  # noqa: ANN001
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 90.0) -> None:
     t0 = time.time()
     while not pred():
         if proc.poll() is not None:

@@ -29,7 +29,9 @@ N_SLIDES = 10  # 5 per class: the default 5 patient-level folds each hold both c
 
 def _cli(*args: str):
     res = CliRunner().invoke(app, ["-q", *args])
-    return res.exit_code, res.output + (str(res.exception) if res.exception and res.exit_code not in (0, 1, 2) else "")
+    return res.exit_code, res.output + (
+        str(res.exception) if res.exception and res.exit_code not in (0, 1, 2) else ""
+    )
 
 
 @pytest.fixture(scope="module")

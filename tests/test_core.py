@@ -106,7 +106,9 @@ def test_manifest_and_discovery(tmp_path):
     got = discover([tmp_path])
     assert [e.slide_id for e in got] == ["dcm", "s1", "s2"]
     m = tmp_path / "m.csv"
-    m.write_text("slide_id,path,patient_id,label,mpp,split\nx,a/s1.svs,P1,tumour,0.25,train\ny,a/s2.ome.tif,P1,normal,,test\n")
+    m.write_text(
+        "slide_id,path,patient_id,label,mpp,split\nx,a/s1.svs,P1,tumour,0.25,train\ny,a/s2.ome.tif,P1,normal,,test\n"
+    )
     rows = read_manifest(m, require_labels=True)
     assert rows[0].path == str((tmp_path / "a" / "s1.svs").resolve()) and rows[0].mpp == 0.25
     assert rows[1].mpp is None and rows[1].extra == {"split": "test"} and rows[1].patient_id == "P1"

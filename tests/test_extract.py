@@ -56,7 +56,9 @@ def _copy_run(src: Path, dst: Path, slides: tuple[str, ...] | None = None) -> Pa
     dst.mkdir(parents=True)
     shutil.copytree(src / "tiles", dst / "tiles")
     entries = load_slide_table(src / "slides.json")
-    save_slide_table(dst / "slides.json", [e for e in entries if slides is None or e.slide_id in slides])
+    save_slide_table(
+        dst / "slides.json", [e for e in entries if slides is None or e.slide_id in slides]
+    )
     return dst
 
 
@@ -94,7 +96,9 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def _direct_features(store_attrs: dict, coords: np.ndarray, model: torch.nn.Module, spec) -> np.ndarray:
+def _direct_features(
+    store_attrs: dict, coords: np.ndarray, model: torch.nn.Module, spec
+) -> np.ndarray:
     """The encoder applied to tiles read straight from the slide, without the extract stage."""
     a = store_attrs
     size = int(a["read_size_px"])
@@ -121,11 +125,32 @@ def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 def test_features_equal_encoder_on_direct_reads_both_backends(tiled, weights, tmp_path):
     run = _copy_run(tiled, tmp_path / "run")
     lay = RunLayout(run)
-    res = _extract_cli(run, "--encoder", "resnet_tiny", "--weights", str(weights), "--workers", "2",
-                       "--batch-size", "32", "--clam-export")
+    res = _extract_cli(
+        run,
+        "--encoder",
+        "resnet_tiny",
+        "--weights",
+        str(weights),
+        "--workers",
+        "2",
+        "--batch-size",
+        "32",
+        "--clam-export",
+    )
     assert res.exit_code == 0, res.output
-    res = _extract_cli(run, "--encoder", "resnet_tiny", "--weights", str(weights), "--workers", "0",
-                       "--threads", "1", "--store", "zarr")
+    res = _extract_cli(
+        run,
+        "--encoder",
+        "resnet_tiny",
+        "--weights",
+        str(weights),
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--store",
+        "zarr",
+    )
     assert res.exit_code == 0, res.output
     model, spec = load_encoder("resnet_tiny", weights=weights)
     for sid in SLIDES:
@@ -134,7 +159,9 @@ def test_features_equal_encoder_on_direct_reads_both_backends(tiled, weights, tm
             z_attrs, z = _read(lay.feature_store("resnet_tiny", sid, mpp, "zarr"))
             c_attrs, c = _read(lay.coords_store(sid, mpp, "h5"))
             # both backends read back identically (workers 2 vs 0: the same numbers)
-            assert h5.keys() == z.keys() == {"coords", "tissue_fraction", "parent_index", "features"}
+            assert (
+                h5.keys() == z.keys() == {"coords", "tissue_fraction", "parent_index", "features"}
+            )
             for name in h5:
                 np.testing.assert_array_equal(h5[name], z[name])
             # same rows as the coords store, parent links kept
@@ -175,8 +202,19 @@ def test_ssmamba_checkpoint_low_precision_and_float16_store(tiled, tmp_path):
     ckpt = lay.models_dir / "ssmamba.pt"
     save_encoder(create_encoder("ssmamba_tiny"), ckpt)
     model, spec = load_encoder(ckpt)
-    res = _extract_cli(run, "--encoder", str(ckpt), "--mpp", "1.0", "--precision", "bf16",
-                       "--feature-dtype", "float16", "--workers", "1")
+    res = _extract_cli(
+        run,
+        "--encoder",
+        str(ckpt),
+        "--mpp",
+        "1.0",
+        "--precision",
+        "bf16",
+        "--feature-dtype",
+        "float16",
+        "--workers",
+        "1",
+    )
     assert res.exit_code == 0, res.output
     assert not lay.features_dir("ssmamba", 0.5).exists()  # only the grid asked for
     for sid in ("ome", "bracs"):
@@ -205,7 +243,9 @@ def test_zero_tile_slide_gives_empty_store(tmp_path, weights):
 def test_resume_overwrite_and_new_weights(tiled, weights, tmp_path):
     run = _copy_run(tiled, tmp_path / "run")
     lay = RunLayout(run)
-    cfg = ExtractConfig(encoder="resnet_tiny", weights=str(weights), mpps=(1.0,), workers=0, threads=1)
+    cfg = ExtractConfig(
+        encoder="resnet_tiny", weights=str(weights), mpps=(1.0,), workers=0, threads=1
+    )
     assert run_extract(run, cfg, progress=False).count("done") == 3
     store = lay.feature_store("resnet_tiny", "cmu", 1.0, "h5")
     mtime = store.stat().st_mtime_ns
@@ -218,7 +258,10 @@ def test_resume_overwrite_and_new_weights(tiled, weights, tmp_path):
     torch.save(create_encoder("resnet_tiny").state_dict(), other)
     s = run_extract(run, cfg.model_copy(update={"weights": str(other)}), progress=False)
     assert s.count("done") == 3
-    assert _read(store)[0]["weights_hash"] == load_encoder("resnet_tiny", weights=other)[1].weights_hash
+    assert (
+        _read(store)[0]["weights_hash"]
+        == load_encoder("resnet_tiny", weights=other)[1].weights_hash
+    )
     state = json.loads(lay.state_file("extract/resnet_tiny", "cmu").read_text())
     assert state["status"] == "done" and state["attempts"] == 3
 
@@ -256,8 +299,10 @@ def test_bad_slides_and_stores_fail_alone(tiled, weights, tmp_path):
     slide = tmp_path / "bracs.tiff"
     entries = load_slide_table(lay.slides_table)
     shutil.copy2(next(e.path for e in entries if e.slide_id == "bracs"), slide)
-    entries = [e if e.slide_id != "bracs" else e.__class__(**{**e.__dict__, "path": str(slide)})
-               for e in entries]
+    entries = [
+        e if e.slide_id != "bracs" else e.__class__(**{**e.__dict__, "path": str(slide)})
+        for e in entries
+    ]
     save_slide_table(lay.slides_table, entries)
     for mpp in MPPS:
         with h5py.File(lay.coords_store("bracs", mpp, "h5"), "a") as f:
@@ -285,8 +330,12 @@ def test_bad_slides_and_stores_fail_alone(tiled, weights, tmp_path):
     assert lay.feature_store("resnet_tiny", "cmu", 1.0, "h5").exists()
     # another file under the slide's name: its size differs from the one tiled
     slide.unlink()
-    shutil.copy2(Path(next(e.path for e in entries if e.slide_id == "cmu")).with_name(
-        "CMU-1_16x16_tiny.svs"), slide)
+    shutil.copy2(
+        Path(next(e.path for e in entries if e.slide_id == "cmu")).with_name(
+            "CMU-1_16x16_tiny.svs"
+        ),
+        slide,
+    )
     res = _extract_cli(run, "--encoder", "resnet_tiny", "--weights", str(weights), "--mpp", "1.0")
     err = json.loads(lay.state_file("extract/resnet_tiny", "bracs").read_text())["error"]
     assert res.exit_code == 1 and "tile --overwrite" in err
@@ -294,19 +343,39 @@ def test_bad_slides_and_stores_fail_alone(tiled, weights, tmp_path):
 
 
 # ----------------------------------------------------------------------------- kill and resume
-def test_sigkill_mid_slide_then_rerun_gives_complete_identical_stores(wsi_dir, vit_weights, tmp_path):
+def test_sigkill_mid_slide_then_rerun_gives_complete_identical_stores(
+    wsi_dir, vit_weights, tmp_path
+):
     # "a" (small) is done first, "b" (about 2,400 tiles) is killed while its store is being written
     m = tmp_path / "m.csv"
-    m.write_text(f"slide_id,path\na,{wsi_dir / 'OS-1-detail_HE.ome.tif'}\n"
-                 f"b,{wsi_dir / 'CMU-1-Small-Region.svs'}\n")
+    m.write_text(
+        f"slide_id,path\na,{wsi_dir / 'OS-1-detail_HE.ome.tif'}\n"
+        f"b,{wsi_dir / 'CMU-1-Small-Region.svs'}\n"
+    )
     run = tmp_path / "run"
     assert run_tile([str(m)], run, TileConfig(tile_px=32), progress=False).ok
     ref = _copy_run(run, tmp_path / "ref")
     lay = RunLayout(run)
     feat_dir = lay.features_dir("vit_tiny", 0.5)
     # batch size 1 without workers: slow enough to be caught in the middle of slide b
-    cmd = [sys.executable, "-m", "wsi_pipe.cli.app", "-q", "extract", str(run), "--encoder",
-           "vit_tiny", "--weights", str(vit_weights), "--batch-size", "1", "--workers", "0", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_pipe.cli.app",
+        "-q",
+        "extract",
+        str(run),
+        "--encoder",
+        "vit_tiny",
+        "--weights",
+        str(vit_weights),
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -348,7 +417,9 @@ def test_tile_dataset_items_collate_and_pickle(wsi_dir):
     tile, row = ds[1]
     assert tile.shape == (3, 64, 64) and tile.dtype == torch.uint8 and row == 1
     with open_slide(path, backend="tiffslide") as r:
-        direct = cv2.resize(r.read_region((500, 300), 0, (100, 100)), (64, 64), interpolation=cv2.INTER_AREA)
+        direct = cv2.resize(
+            r.read_region((500, 300), 0, (100, 100)), (64, 64), interpolation=cv2.INTER_AREA
+        )
     np.testing.assert_array_equal(tile.permute(1, 2, 0).numpy(), direct)
     edge = ds[2][0]
     assert (edge[:, -20:, :] == 255).all()  # outside the slide: white
@@ -369,12 +440,27 @@ def test_tile_pool_keeps_workers_across_slides_and_recovers_from_a_bad_one(wsi_d
     from wsi_pipe.core.errors import SlideReadError
     from wsi_pipe.stages.tile_dataset import TilePool
 
-    ome = TileSource("ome", str(wsi_dir / "OS-1-detail_HE.ome.tif"), "tiffslide", 0, 100, 64,
-                     np.array([[x, y] for x in range(0, 900, 150) for y in range(0, 900, 300)], np.int64),
-                     0.2271)
+    ome = TileSource(
+        "ome",
+        str(wsi_dir / "OS-1-detail_HE.ome.tif"),
+        "tiffslide",
+        0,
+        100,
+        64,
+        np.array([[x, y] for x in range(0, 900, 150) for y in range(0, 900, 300)], np.int64),
+        0.2271,
+    )
     cmu_path = wsi_dir / "CMU-1-Small-Region.svs"
-    cmu = TileSource("cmu", str(cmu_path), "openslide", 0, 128, 64,
-                     np.array([[x, 400] for x in range(0, 1600, 100)], np.int64), None)
+    cmu = TileSource(
+        "cmu",
+        str(cmu_path),
+        "openslide",
+        0,
+        128,
+        64,
+        np.array([[x, 400] for x in range(0, 1600, 100)], np.int64),
+        None,
+    )
     with open_slide(cmu_path) as r:
         lv1 = 1 if r.level_count > 1 else 0
     cmu1 = TileSource("cmu", str(cmu_path), "openslide", lv1, 64, 64, cmu.coords[:5], None)
@@ -389,7 +475,9 @@ def test_tile_pool_keeps_workers_across_slides_and_recovers_from_a_bad_one(wsi_d
     def read(pool: TilePool, src: TileSource, bs: int = 4) -> np.ndarray:
         got, rows = [], []
         for tiles, r in pool.batches(src, bs):
-            assert tiles.dtype == torch.uint8 and tiles.is_contiguous(memory_format=torch.channels_last)
+            assert tiles.dtype == torch.uint8 and tiles.is_contiguous(
+                memory_format=torch.channels_last
+            )
             got.append(tiles.permute(0, 2, 3, 1).numpy())
             rows.append(r.numpy())
         assert np.concatenate(rows).tolist() == list(range(len(src.coords)))

@@ -54,13 +54,26 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     """Run `wsi-pipe ARGS` in a fresh interpreter (as a user or a Slurm task would)."""
-    return subprocess.run([sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=180, env=ENV, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=ENV,
+        **kw,
+    )
 
 
 def start_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +90,15 @@ def manifest(tmp_path_factory: pytest.TempPathFactory, wsi_dir: Path) -> Path:
         if not p.exists():
             pytest.skip(f"test slide {p} is missing")
     text = "slide_id,path,patient_id,label,mpp\n" + "".join(
-        f"{sid},{p},{sid},{'a' if i % 2 else 'b'},{mpp}\n" for i, (sid, p, mpp) in enumerate(rows))
+        f"{sid},{p},{sid},{'a' if i % 2 else 'b'},{mpp}\n" for i, (sid, p, mpp) in enumerate(rows)
+    )
     (d / "slides.csv").write_text(text)
     return d / "slides.csv"
 
 
-def kill_at_random_moment(args: tuple[str, ...], started: Path, rng: random.Random,
-                          max_delay_s: float) -> int:
+def kill_at_random_moment(
+    args: tuple[str, ...], started: Path, rng: random.Random, max_delay_s: float
+) -> int:
     """Start `wsi-pipe ARGS`, wait until `started` exists (the stage is working), then SIGKILL
     it after a random delay. Returns the exit status (-9 if it was killed in time)."""
     p = start_cli(*args)
@@ -98,24 +113,52 @@ def kill_at_random_moment(args: tuple[str, ...], started: Path, rng: random.Rand
 
 
 # ---------------------------------------------------------------------------------- kill -9
-STAGE_OUT = {"tile": list(TILE_OUT), "pretrain": ["models"], "extract": ["features"],
-             "train-mil": ["mil"]}
+STAGE_OUT = {
+    "tile": list(TILE_OUT),
+    "pretrain": ["models"],
+    "extract": ["features"],
+    "train-mil": ["mil"],
+}
 #: what to delete from a copy of the reference run so that one stage has to run again
-STAGE_REMOVE = {"pretrain": ["models"], "extract": ["features", "state/extract", "locks/extract"],
-                "train-mil": ["mil"]}
+STAGE_REMOVE = {
+    "pretrain": ["models"],
+    "extract": ["features", "state/extract", "locks/extract"],
+    "train-mil": ["mil"],
+}
 
 
 def _pipeline_config(manifest: Path, out: Path) -> RunConfig:
     return RunConfig(
-        slides=(str(manifest),), manifest=str(manifest), out=str(out),
+        slides=(str(manifest),),
+        manifest=str(manifest),
+        out=str(out),
         tile=TileConfig(target_mpps=(1.0,), tile_px=64),
-        pretrain=PretrainConfig(arch="ssmamba_tiny", input_px=64, epochs=2, steps_per_epoch=10,
-                                max_tiles=256, batch_size=16, lr=1e-3, warmup_steps=2,
-                                checkpoint_every=3, workers=0, device="cpu", seed=0),
-        extract=ExtractConfig(encoder="pretrained", device="cpu", batch_size=16, workers=0,
-                              threads=1),
-        mil=MilConfig(method="abmil", n_folds=2, epochs=6, patience=6, hidden_dim=16,
-                      bootstrap=0, device="cpu"),
+        pretrain=PretrainConfig(
+            arch="ssmamba_tiny",
+            input_px=64,
+            epochs=2,
+            steps_per_epoch=10,
+            max_tiles=256,
+            batch_size=16,
+            lr=1e-3,
+            warmup_steps=2,
+            checkpoint_every=3,
+            workers=0,
+            device="cpu",
+            seed=0,
+        ),
+        extract=ExtractConfig(
+            encoder="pretrained", device="cpu", batch_size=16, workers=0, threads=1
+        ),
+        mil=MilConfig(
+            method="abmil",
+            n_folds=2,
+            epochs=6,
+            patience=6,
+            hidden_dim=16,
+            bootstrap=0,
+            device="cpu",
+        ),
     )
 
 
@@ -147,14 +190,18 @@ def _started_marker(stage: str, run: Path) -> Path:
     }[stage]
 
 
-@pytest.mark.parametrize("stage", [
-    "tile",
-    "pretrain",
-    "extract",
-    "train-mil",
-])
-def test_kill9_stage_then_rerun_identical(tmp_path: Path, manifest: Path, pipeline_reference: Path,
-                                          stage: str) -> None:
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "tile",
+        "pretrain",
+        "extract",
+        "train-mil",
+    ],
+)
+def test_kill9_stage_then_rerun_identical(
+    tmp_path: Path, manifest: Path, pipeline_reference: Path, stage: str
+) -> None:
     """A stage killed (SIGKILL) at a random moment, then resumed -> the uninterrupted outputs."""
     from wsi_pipe.core.config import dump_config
 
@@ -191,9 +238,15 @@ def test_corrupt_truncated_unreadable_vanished_slides(tmp_path: Path, wsi_dir: P
     (bad / "garbage.svs").write_bytes(random.Random(0).randbytes(40_000))
     (bad / "empty.svs").write_bytes(b"")
     (bad / "folder.svs").mkdir()  # not a file at all: cannot be read as a slide
-    rows = [("good", good), ("trunc_svs", bad / "truncated.svs"), ("trunc_ome", bad / "truncated.ome.tif"),
-            ("garbage", bad / "garbage.svs"), ("empty", bad / "empty.svs"),
-            ("folder", bad / "folder.svs"), ("vanished", bad / "was-here.svs")]
+    rows = [
+        ("good", good),
+        ("trunc_svs", bad / "truncated.svs"),
+        ("trunc_ome", bad / "truncated.ome.tif"),
+        ("garbage", bad / "garbage.svs"),
+        ("empty", bad / "empty.svs"),
+        ("folder", bad / "folder.svs"),
+        ("vanished", bad / "was-here.svs"),
+    ]
     man = tmp_path / "m.csv"
     man.write_text("slide_id,path\n" + "".join(f"{s},{p}\n" for s, p in rows))
     run = tmp_path / "run"
@@ -226,8 +279,11 @@ def full_disk(path: Path, free_bytes: int) -> Iterator[str]:
     (ENOSPC). Yields "tmpfs"; yields "rlimit" when mounting is not allowed (then the caller caps
     the child's file size instead, EFBIG)."""
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         yield "rlimit"
         return
@@ -250,14 +306,17 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
 
-@pytest.mark.parametrize("store, free_bytes", [
-    ("h5", 0),  # completely full: even creating the store fails
-    ("h5", 8192),
-    ("zarr", 8192),  # a few KiB left: the store is created, a later write fails
-])
-def test_full_disk_recorded_and_batch_goes_on(tmp_path: Path, manifest: Path,
-                                              pipeline_reference: Path, store: str,
-                                              free_bytes: int) -> None:
+@pytest.mark.parametrize(
+    "store, free_bytes",
+    [
+        ("h5", 0),  # completely full: even creating the store fails
+        ("h5", 8192),
+        ("zarr", 8192),  # a few KiB left: the store is created, a later write fails
+    ],
+)
+def test_full_disk_recorded_and_batch_goes_on(
+    tmp_path: Path, manifest: Path, pipeline_reference: Path, store: str, free_bytes: int
+) -> None:
     run = tmp_path / "run"
     layout = RunLayout(run)
     args = ("tile", str(manifest), "--out", str(run), *TILE_ARGS, "--store", store)
@@ -266,9 +325,15 @@ def test_full_disk_recorded_and_batch_goes_on(tmp_path: Path, manifest: Path,
             r = cli(*args)
             reason = "No space left on device"
         else:
-            r = subprocess.run([sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args], cwd=REPO,
-                               capture_output=True, text=True, timeout=120, env=ENV,
-                               preexec_fn=_limit_file_size)
+            r = subprocess.run(
+                [sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=ENV,
+                preexec_fn=_limit_file_size,
+            )
             reason = "File too large"
         assert r.returncode == 1, (how, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
         for sid in ("bracs", "cmu", "os1", "os2"):  # every slide was tried and recorded
@@ -289,20 +354,27 @@ def test_full_disk_recorded_and_batch_goes_on(tmp_path: Path, manifest: Path,
 
 
 # ------------------------------------------------------------------ malformed config/manifest
-@pytest.mark.parametrize("body, expect", [
-    ("slides: [SLIDES]\nout: OUT\ntiles: {tile_px: 64}\n", "tiles"),  # unknown key (typo)
-    ("slides: [SLIDES]\nout: OUT\ntile: {tile_px: -3}\n", "tile.tile_px"),  # out of range
-    ("slides: [SLIDES]\nout: OUT\ntile: {target_mpps: [0.5\n", "not valid YAML"),
-    ("out: OUT\n", "slides"),  # required key missing
-    ("slides: [NOWHERE]\nout: OUT\n", "does not exist"),
-    ("slides: [SLIDES]\nout: OUT\nextract: {encoder: tiny}\nmil: {epochs: 1}\n", "manifest"),
-])
-def test_malformed_run_config_fails_before_work(tmp_path: Path, wsi_dir: Path, body: str,
-                                                expect: str) -> None:
+@pytest.mark.parametrize(
+    "body, expect",
+    [
+        ("slides: [SLIDES]\nout: OUT\ntiles: {tile_px: 64}\n", "tiles"),  # unknown key (typo)
+        ("slides: [SLIDES]\nout: OUT\ntile: {tile_px: -3}\n", "tile.tile_px"),  # out of range
+        ("slides: [SLIDES]\nout: OUT\ntile: {target_mpps: [0.5\n", "not valid YAML"),
+        ("out: OUT\n", "slides"),  # required key missing
+        ("slides: [NOWHERE]\nout: OUT\n", "does not exist"),
+        ("slides: [SLIDES]\nout: OUT\nextract: {encoder: tiny}\nmil: {epochs: 1}\n", "manifest"),
+    ],
+)
+def test_malformed_run_config_fails_before_work(
+    tmp_path: Path, wsi_dir: Path, body: str, expect: str
+) -> None:
     out = tmp_path / "run"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(body.replace("SLIDES", str(wsi_dir / "OS-1-detail_HE.ome.tif"))
-                   .replace("NOWHERE", str(tmp_path / "nowhere")).replace("OUT", str(out)))
+    cfg.write_text(
+        body.replace("SLIDES", str(wsi_dir / "OS-1-detail_HE.ome.tif"))
+        .replace("NOWHERE", str(tmp_path / "nowhere"))
+        .replace("OUT", str(out))
+    )
     r = cli("run", "--config", str(cfg))
     assert r.returncode == 2, (r.stdout, r.stderr)
     msg = " ".join(r.stderr.split())
@@ -310,19 +382,33 @@ def test_malformed_run_config_fails_before_work(tmp_path: Path, wsi_dir: Path, b
     assert not out.exists()  # nothing started
 
 
-@pytest.mark.parametrize("text, expect, where", [
-    # what is wrong, and where: the manifest file (and row), or the two files sharing an id
-    ("name,file\na,b.svs\n", "needs a header", ("{man}",)),
-    ("slide_id,path,mpp\na,{slide},fast\n", "mpp 'fast' is not a number", ("{man}", "row 2 (a)")),
-    ("slide_id,path,mpp\na,{slide},-1\n", "mpp must be > 0, got -1", ("{man}", "row 2 (a)")),
-    ("slide_id,path\na,{slide}\na,{other}\n", "slide id 'a' is used by both",
-     ("{slide}", "{other}")),
-])
-def test_malformed_manifest_fails_before_work(tmp_path: Path, wsi_dir: Path, text: str,
-                                              expect: str, where: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "text, expect, where",
+    [
+        # what is wrong, and where: the manifest file (and row), or the two files sharing an id
+        ("name,file\na,b.svs\n", "needs a header", ("{man}",)),
+        (
+            "slide_id,path,mpp\na,{slide},fast\n",
+            "mpp 'fast' is not a number",
+            ("{man}", "row 2 (a)"),
+        ),
+        ("slide_id,path,mpp\na,{slide},-1\n", "mpp must be > 0, got -1", ("{man}", "row 2 (a)")),
+        (
+            "slide_id,path\na,{slide}\na,{other}\n",
+            "slide id 'a' is used by both",
+            ("{slide}", "{other}"),
+        ),
+    ],
+)
+def test_malformed_manifest_fails_before_work(
+    tmp_path: Path, wsi_dir: Path, text: str, expect: str, where: tuple[str, ...]
+) -> None:
     man = tmp_path / "m.csv"
-    names = {"man": man, "slide": wsi_dir / "OS-1-detail_HE.ome.tif",
-             "other": wsi_dir / "OS-2-ndpi-crop_Ki67.ome.tif"}
+    names = {
+        "man": man,
+        "slide": wsi_dir / "OS-1-detail_HE.ome.tif",
+        "other": wsi_dir / "OS-2-ndpi-crop_Ki67.ome.tif",
+    }
     man.write_text(text.format(**names))
     out = tmp_path / "run"
     r = cli("tile", str(man), "--out", str(out), *TILE_ARGS)
@@ -338,8 +424,9 @@ def test_malformed_manifest_fails_before_work(tmp_path: Path, wsi_dir: Path, tex
 
 
 # ------------------------------------------------------------------ two runs at once
-def test_two_runs_same_folder_no_double_work(tmp_path: Path, manifest: Path,
-                                             pipeline_reference: Path) -> None:
+def test_two_runs_same_folder_no_double_work(
+    tmp_path: Path, manifest: Path, pipeline_reference: Path
+) -> None:
     run = tmp_path / "run"
     args = ("tile", str(manifest), "--out", str(run), *TILE_ARGS)
     procs = [start_cli(*args) for _ in range(2)]

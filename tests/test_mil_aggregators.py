@@ -89,7 +89,9 @@ def test_forward_shapes_and_attention(name: str) -> None:
     assert (out.attention >= 0).all()
     assert float(out.attention.detach().sum()) == pytest.approx(1.0, abs=1e-5)
     one = m(x[:1], c[:1])  # a one-tile bag
-    assert one.logits.shape == (N_CLASSES,) and float(one.attention.detach()[0]) == pytest.approx(1.0)
+    assert one.logits.shape == (N_CLASSES,) and float(one.attention.detach()[0]) == pytest.approx(
+        1.0
+    )
     with pytest.raises(ValueError):
         m(x[:0], c[:0])
     with pytest.raises(ValueError):
@@ -102,7 +104,9 @@ def test_backward_reaches_every_parameter(name: str) -> None:
     x, c = bag()
     out = m(x, c)
     torch.nn.functional.cross_entropy(out.logits[None], torch.tensor([1])).backward()
-    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [
+        n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not missing, f"{name}: no finite gradient for {missing}"
     assert any(float(p.grad.abs().sum()) > 0 for p in m.parameters())
 
@@ -176,7 +180,9 @@ def test_mamba_store_order_is_a_sequence_model() -> None:
 
 # ------------------------------------------------------------------------------ MSM masks
 def test_msm_stages_mask_what_earlier_stages_attended() -> None:
-    m = create_aggregator("msm", IN_DIM, 2, hidden_dim=16, n_stages=3, mask_rule="topk", mask_k=4).eval()
+    m = create_aggregator(
+        "msm", IN_DIM, 2, hidden_dim=16, n_stages=3, mask_rule="topk", mask_k=4
+    ).eval()
     assert isinstance(m, MSMMIL)
     x, _ = bag(30, seed=4)
     with torch.no_grad():
@@ -201,14 +207,18 @@ def test_msm_mass_rule_and_fraction() -> None:
     assert stage_mask_count(alpha, keep, "topk", 2, 0.5, 5) == 2
     # never masks the last unmasked tile
     assert stage_mask_count(alpha, keep, "topk", 50, 0.5, 5) == 4
-    assert stage_mask_count(alpha, torch.tensor([True, False, False, False, False]), "topk", 2, 0.5, 5) == 0
+    assert (
+        stage_mask_count(alpha, torch.tensor([True, False, False, False, False]), "topk", 2, 0.5, 5)
+        == 0
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("rule", ["topk", "mass"])
 def test_msm_bags_smaller_than_the_masks(n: int, rule: str) -> None:
-    m = create_aggregator("msm", IN_DIM, 2, hidden_dim=16, n_stages=4, mask_rule=rule, mask_k=5,
-                          mask_mass=0.9).eval()
+    m = create_aggregator(
+        "msm", IN_DIM, 2, hidden_dim=16, n_stages=4, mask_rule=rule, mask_k=5, mask_mass=0.9
+    ).eval()
     x, c = bag(n)
     with torch.no_grad():
         _, alphas, keeps = m.stages(x)
@@ -299,8 +309,15 @@ def test_learns_key_instance_task_and_attends_to_key_instances(name: str) -> Non
         kw["mask_k"] = 3
     model = MilModel(create_aggregator(name, 16, 2, **kw))
     p = SYNTH_KW.get(name, dict(lr=2e-3, epochs=8))
-    fit(model, train, val, TrainParams(patience=100, weight_decay=1e-4, max_bag_train=None,
-                                       class_weighting=False, seed=0, **p), torch.device("cpu"))
+    fit(
+        model,
+        train,
+        val,
+        TrainParams(
+            patience=100, weight_decay=1e-4, max_bag_train=None, class_weighting=False, seed=0, **p
+        ),
+        torch.device("cpu"),
+    )
     prob, att = predict_bags(model, test, torch.device("cpu"), with_attention=True)
     y = np.array([b.label for b in test])
     assert auroc(y, prob) > 0.95, f"{name}: held-out AUROC {auroc(y, prob):.3f}"

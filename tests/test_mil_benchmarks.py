@@ -22,7 +22,9 @@ def test_benchmark_loader_matches_sources(shared_data, name, n_bags, n_pos, n_in
     assert sum(b.label for b in bags) == n_pos
     assert sum(b.n_tiles for b in bags) == n_inst
     assert {b.dim for b in bags} == {dim}
-    assert all(b.features.shape == (b.n_tiles, dim) and b.features.dtype == np.float32 for b in bags)
+    assert all(
+        b.features.shape == (b.n_tiles, dim) and b.features.dtype == np.float32 for b in bags
+    )
     assert len({b.bag_id for b in bags}) == n_bags
 
 

@@ -37,15 +37,26 @@ def _one_thread():
 def write_feature_store(layout: RunLayout, bag: Bag, slide_path: str = "") -> Path:
     p = layout.feature_store(FEATURES, bag.bag_id, MPP, "h5")
     feats, coords = bag.load()
-    write_store(p, {"features": feats.astype(np.float32), "coords": coords.astype(np.int64)}, {
-        "kind": "features", "slide_id": bag.bag_id, "level0_mpp": 0.25, "target_mpp": MPP,
-        "tile_px": 256, "tile_size_level0": 512, "slide_path": slide_path, "encoder": "toy",
-    })
+    write_store(
+        p,
+        {"features": feats.astype(np.float32), "coords": coords.astype(np.int64)},
+        {
+            "kind": "features",
+            "slide_id": bag.bag_id,
+            "level0_mpp": 0.25,
+            "target_mpp": MPP,
+            "tile_px": 256,
+            "tile_size_level0": 512,
+            "slide_path": slide_path,
+            "encoder": "toy",
+        },
+    )
     return p
 
 
-def make_run(tmp: Path, n_patients: int = 36, n_classes: int = 2, seed: int = 0,
-             two_slide_every: int = 4) -> tuple[Path, Path, dict[str, str]]:
+def make_run(
+    tmp: Path, n_patients: int = 36, n_classes: int = 2, seed: int = 0, two_slide_every: int = 4
+) -> tuple[Path, Path, dict[str, str]]:
     """A run folder with feature stores of a synthetic key-instance task and its manifest.
     Every `two_slide_every`-th patient has two slides (same label)."""
     run = tmp / "run"
@@ -60,18 +71,31 @@ def make_run(tmp: Path, n_patients: int = 36, n_classes: int = 2, seed: int = 0,
         for j in range(2 if i % two_slide_every == 0 else 1):
             b = pool[label].pop()
             sid, pid = f"S{i:03d}_{j}", f"P{i:03d}"
-            write_feature_store(layout, Bag(sid, label, pid, b.n_tiles, b.dim, features=b.features,
-                                            coords=b.coords))
+            write_feature_store(
+                layout, Bag(sid, label, pid, b.n_tiles, b.dim, features=b.features, coords=b.coords)
+            )
             rows.append((sid, pid, f"class{label}"))
             patient_of[sid] = pid
     manifest = tmp / "cohort.csv"
-    manifest.write_text("slide_id,patient_id,label\n" + "".join(f"{s},{p},{y}\n" for s, p, y in rows))
+    manifest.write_text(
+        "slide_id,patient_id,label\n" + "".join(f"{s},{p},{y}\n" for s, p, y in rows)
+    )
     return run, manifest, patient_of
 
 
 def small_cfg(**kw) -> MilConfig:
-    base = dict(method="abmil", n_folds=3, epochs=8, patience=8, lr=1e-3, hidden_dim=16,
-                dropout=0.0, bootstrap=50, device="cpu", val_fraction=0.2)
+    base = dict(
+        method="abmil",
+        n_folds=3,
+        epochs=8,
+        patience=8,
+        lr=1e-3,
+        hidden_dim=16,
+        dropout=0.0,
+        bootstrap=50,
+        device="cpu",
+        val_fraction=0.2,
+    )
     return MilConfig(**{**base, **kw})
 
 
@@ -88,11 +112,17 @@ def test_train_mil_writes_everything_and_learns(tmp_path: Path) -> None:
         assert (out / f"fold_{k}" / "model.pt").is_file()
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted(r["slide_id"] for r in rows) == sorted(patient_of)  # every slide once, out of fold
+    assert sorted(r["slide_id"] for r in rows) == sorted(
+        patient_of
+    )  # every slide once, out of fold
     m = read_json(out / "metrics.json")
     for name in ("auroc", "auprc", "balanced_accuracy", "f1"):
         assert set(m["pooled"][name]) == {"value", "ci_low", "ci_high"}
-        assert m["pooled"][name]["ci_low"] <= m["pooled"][name]["value"] <= m["pooled"][name]["ci_high"]
+        assert (
+            m["pooled"][name]["ci_low"]
+            <= m["pooled"][name]["value"]
+            <= m["pooled"][name]["ci_high"]
+        )
         assert len(m["per_fold"]) == 3 and name in m["per_fold"][0]["metrics"]
     assert m["pooled"]["auroc"]["value"] > 0.9
 
@@ -123,10 +153,18 @@ def test_saved_models_reproduce_fold_predictions_and_predict(tmp_path: Path) -> 
     assert meta["classes"] == ["class0", "class1"]
     from wsi_pipe.core.manifest import SlideEntry
 
-    bags, _ = bags_from_entries(layout, [SlideEntry(r["slide_id"], "", r["patient_id"]) for r in fold0],
-                                FEATURES, MPP, classes=meta["classes"], require_labels=False)
+    bags, _ = bags_from_entries(
+        layout,
+        [SlideEntry(r["slide_id"], "", r["patient_id"]) for r in fold0],
+        FEATURES,
+        MPP,
+        classes=meta["classes"],
+        require_labels=False,
+    )
     prob, _ = predict_bags(model, bags, torch.device("cpu"))
-    np.testing.assert_allclose(prob[:, 1], [float(r["prob_class1"]) for r in fold0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        prob[:, 1], [float(r["prob_class1"]) for r in fold0], rtol=1e-5, atol=1e-6
+    )
     # predict = mean of the fold models, by slide id or by manifest
     ids = [r["slide_id"] for r in fold0[:4]]
     out = predict(run, res.out_dir, ids, device="cpu")
@@ -135,10 +173,14 @@ def test_saved_models_reproduce_fold_predictions_and_predict(tmp_path: Path) -> 
     assert set(pred) == set(ids)
     folds = [load_checkpoint(res.out_dir / f"fold_{k}" / "model.pt")[0] for k in range(3)]
     expected = np.mean([predict_bags(m, bags[:4], torch.device("cpu"))[0] for m in folds], axis=0)
-    np.testing.assert_allclose([float(pred[i]["prob_class1"]) for i in ids], expected[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(
+        [float(pred[i]["prob_class1"]) for i in ids], expected[:, 1], rtol=1e-5
+    )
     again = predict(run, res.out_dir, ids, out=tmp_path / "again.csv", device="cpu")
     assert again.read_text() == out.read_text()
-    via_manifest = predict(run, res.out_dir, [str(manifest)], out=tmp_path / "all.csv", device="cpu")
+    via_manifest = predict(
+        run, res.out_dir, [str(manifest)], out=tmp_path / "all.csv", device="cpu"
+    )
     assert (tmp_path / "all.metrics.json").is_file()
     with open(via_manifest) as fh:
         assert len(list(csv.DictReader(fh))) == len(rows)
@@ -174,7 +216,9 @@ def test_patient_leakage_across_folds_is_impossible(seed: int) -> None:
     patient_of = dict(zip(slides, patients, strict=True))
     test_fold_of: dict[str, int] = {}
     for k, f in enumerate(folds):
-        parts = {name: {patient_of[s] for s in getattr(f, name)} for name in ("train", "val", "test")}
+        parts = {
+            name: {patient_of[s] for s in getattr(f, name)} for name in ("train", "val", "test")
+        }
         assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"])
         assert not (parts["val"] & parts["test"])
         assert sorted(f.train + f.val + f.test) == sorted(slides)  # every slide used once per fold
@@ -215,12 +259,18 @@ def _no_training_happened(run: Path) -> bool:
         ("slide_id,patient_id\n", "S000_0,P000\n", "no 'label' column"),
         ("patient_id,label\n", "P000,class0\n", "slide_id"),
         ("slide_id,patient_id,label\n", "S000_0,P000,class0\nS001_0,P001,class0\n", "two classes"),
-        ("slide_id,patient_id,label\n", "S000_0,P000,class0\nGHOST,P999,class1\n", "GHOST.*extract"),
+        (
+            "slide_id,patient_id,label\n",
+            "S000_0,P000,class0\nGHOST,P999,class1\n",
+            "GHOST.*extract",
+        ),
         ("slide_id,patient_id,label\n", "S000_0,P000,class0\nS001_0,P001,\n", "S001_0"),
     ],
     ids=["no-label-column", "no-id-column", "one-class", "no-features", "empty-label"],
 )
-def test_malformed_manifests_fail_before_training(tmp_path: Path, header: str, body: str, match: str) -> None:
+def test_malformed_manifests_fail_before_training(
+    tmp_path: Path, header: str, body: str, match: str
+) -> None:
     run, _, _ = make_run(tmp_path, n_patients=8)
     bad = tmp_path / "bad.csv"
     bad.write_text(header + body)
@@ -243,8 +293,15 @@ def test_too_few_patients_per_class_and_unknown_method(tmp_path: Path) -> None:
 def test_empty_feature_store_is_reported(tmp_path: Path) -> None:
     run, manifest, _ = make_run(tmp_path, n_patients=8)
     layout = RunLayout(run)
-    empty = Bag("EMPTY", 0, "PE", 0, 16, features=np.zeros((0, 16), np.float32),
-                coords=np.zeros((0, 2), np.int64))
+    empty = Bag(
+        "EMPTY",
+        0,
+        "PE",
+        0,
+        16,
+        features=np.zeros((0, 16), np.float32),
+        coords=np.zeros((0, 2), np.int64),
+    )
     write_feature_store(layout, empty)
     manifest.write_text(manifest.read_text() + "EMPTY,PE,class0\n")
     with pytest.raises(ConfigError, match="no tiles.*EMPTY"):
@@ -279,14 +336,44 @@ def test_cli_train_predict(tmp_path: Path) -> None:
     cfg = tmp_path / "mil.yaml"
     cfg.write_text("hidden_dim: 16\nbootstrap: 20\ndropout: 0.0\nlr: 0.001\n")
     runner = CliRunner()
-    r = runner.invoke(app, ["train-mil", str(run), "--manifest", str(manifest), "--method", "max",
-                            "--folds", "3", "--epochs", "2", "--config", str(cfg), "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "train-mil",
+            str(run),
+            "--manifest",
+            str(manifest),
+            "--method",
+            "max",
+            "--folds",
+            "3",
+            "--epochs",
+            "2",
+            "--config",
+            str(cfg),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "auroc" in r.output
     model_dir = RunLayout(run).mil_dir(f"max_{FEATURES}")
     assert json.loads((model_dir / "model.json").read_text())["method"] == "max"
-    r = runner.invoke(app, ["predict", str(run), "--model", str(model_dir), "--slides", "S001_0",
-                            "--slides", "S002_0", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            str(run),
+            "--model",
+            str(model_dir),
+            "--slides",
+            "S001_0",
+            "--slides",
+            "S002_0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train-mil", str(run), "--manifest", str(tmp_path / "missing.csv")])
     assert r.exit_code != 0 and "does not exist" in r.output
@@ -322,8 +409,11 @@ def test_heatmap_on_a_real_slide(tmp_path: Path, wsi_dir: Path) -> None:
     feats = rng.standard_normal((len(coords), 16)).astype(np.float32)
     key = [len(coords) // 2, 3]
     feats[np.ix_(key, np.arange(8))] += 2.5  # class-1 key instances (see synthetic_bags)
-    write_feature_store(RunLayout(run), Bag("CMU1", -1, "CMU1", len(coords), 16, features=feats,
-                                            coords=coords), slide_path=str(slide))
+    write_feature_store(
+        RunLayout(run),
+        Bag("CMU1", -1, "CMU1", len(coords), 16, features=feats, coords=coords),
+        slide_path=str(slide),
+    )
     hm = heatmap(run, res.out_dir, "CMU1", top_k=2, max_px=512, device="cpu")
     assert hm.png == RunLayout(run).heatmap_dir(res.out_dir.name) / "CMU1.png"
     import cv2
@@ -331,7 +421,9 @@ def test_heatmap_on_a_real_slide(tmp_path: Path, wsi_dir: Path) -> None:
     img = cv2.imread(str(hm.png))
     assert max(img.shape[:2]) == 512
     assert hm.probabilities["class1"] > 0.5
-    tops = {(int(p.stem.split("_x")[1].split("_")[0]), int(p.stem.split("_y")[1])) for p in hm.top_tiles}
+    tops = {
+        (int(p.stem.split("_x")[1].split("_")[0]), int(p.stem.split("_y")[1])) for p in hm.top_tiles
+    }
     assert tops == {tuple(coords[k]) for k in key}
     tile = cv2.imread(str(hm.top_tiles[0]))
     assert tile.shape == (256, 256, 3)

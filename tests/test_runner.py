@@ -51,8 +51,9 @@ def _is_done(item: Item, layout: RunLayout) -> bool:
     return _out(layout, item.slide_id).exists()
 
 
-def _process(item: Item, layout: RunLayout, fail: frozenset[str] = frozenset(),
-             sleep_s: float = 0.0) -> dict:
+def _process(
+    item: Item, layout: RunLayout, fail: frozenset[str] = frozenset(), sleep_s: float = 0.0
+) -> dict:
     # one line per call in an O_APPEND log: counts how often each slide really ran
     with open(layout.root / "calls.log", "a") as fh:
         fh.write(f"{item.slide_id} {os.getpid()}\n")
@@ -146,8 +147,9 @@ def test_failing_slide_recorded_batch_continues(tmp_path: Path) -> None:
     assert "Traceback" in st["traceback"]
     assert not _out(layout, "s02").exists()
 
-    groups = stage_status(layout, "toy", [it.slide_id for it in ITEMS],
-                          is_done=lambda sid: _out(layout, sid).exists())
+    groups = stage_status(
+        layout, "toy", [it.slide_id for it in ITEMS], is_done=lambda sid: _out(layout, sid).exists()
+    )
     assert groups[FAILED] == ["s02"] and len(groups[DONE]) == len(ITEMS) - 1
     assert groups[RUNNING] == [] and groups[PENDING] == []
 
@@ -162,8 +164,15 @@ def test_failing_slide_recorded_batch_continues(tmp_path: Path) -> None:
 def test_workers_processes_share_lock_code(tmp_path: Path) -> None:
     layout = RunLayout(tmp_path)
     proc = partial(_process, layout=layout, fail=frozenset({"s04"}))
-    summary = run_slides("toy", ITEMS, proc, layout, is_done=partial(_is_done, layout=layout),
-                         workers=2, progress=False)
+    summary = run_slides(
+        "toy",
+        ITEMS,
+        proc,
+        layout,
+        is_done=partial(_is_done, layout=layout),
+        workers=2,
+        progress=False,
+    )
     assert summary.count(DONE) == 5 and summary.n_failed == 1
     pids = {read_state(layout, "toy", it.slide_id)["pid"] for it in ITEMS}
     assert os.getpid() not in pids  # really ran in worker processes
@@ -235,8 +244,14 @@ def test_runner_breaks_stale_slide_lock(tmp_path: Path) -> None:
     lf.write_text(json.dumps(LockInfo(socket.gethostname(), _dead_pid(), time.time()).__dict__))
     # a dead local holder: status does not call the slide running
     assert stage_status(layout, "toy", ["s00"])[PENDING] == ["s00"]
-    summary = run_slides("toy", [Item("s00")], partial(_process, layout=layout), layout,
-                         is_done=partial(_is_done, layout=layout), progress=False)
+    summary = run_slides(
+        "toy",
+        [Item("s00")],
+        partial(_process, layout=layout),
+        layout,
+        is_done=partial(_is_done, layout=layout),
+        progress=False,
+    )
     assert summary.count(DONE) == 1 and not lf.exists()
 
 
@@ -253,12 +268,19 @@ _HOLDER = textwrap.dedent("""
 def test_lock_held_by_other_process(tmp_path: Path) -> None:
     layout = RunLayout(tmp_path)
     lf = layout.lock_file("toy", "s00")
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lf)], stdout=subprocess.PIPE,
-                              text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(lf)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        summary = run_slides("toy", [Item("s00"), Item("s01")], partial(_process, layout=layout),
-                             layout, is_done=partial(_is_done, layout=layout), progress=False)
+        summary = run_slides(
+            "toy",
+            [Item("s00"), Item("s01")],
+            partial(_process, layout=layout),
+            layout,
+            is_done=partial(_is_done, layout=layout),
+            progress=False,
+        )
         busy = next(r for r in summary.results if r.slide_id == "s00")
         assert busy.status == BUSY and str(holder.pid) in (busy.error or "")
         assert _calls(layout) == ["s01"]
@@ -268,8 +290,14 @@ def test_lock_held_by_other_process(tmp_path: Path) -> None:
         holder.wait()
     # the holder died (SIGKILL, lock left behind): the next run takes over
     assert lf.exists()
-    summary = run_slides("toy", [Item("s00")], partial(_process, layout=layout), layout,
-                         is_done=partial(_is_done, layout=layout), progress=False)
+    summary = run_slides(
+        "toy",
+        [Item("s00")],
+        partial(_process, layout=layout),
+        layout,
+        is_done=partial(_is_done, layout=layout),
+        progress=False,
+    )
     assert summary.count(DONE) == 1
 
 
@@ -291,9 +319,15 @@ _CONTENDER = textwrap.dedent("""
 
 def test_two_processes_same_run_no_double_work(tmp_path: Path) -> None:
     layout = RunLayout(tmp_path)
-    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(tmp_path),
-                               str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTENDER, str(tmp_path), str(Path(__file__).parent)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
     outs = []
     for p in procs:
         stdout, _ = p.communicate(timeout=60)
@@ -315,8 +349,11 @@ def test_state_write_error_does_not_stop_the_batch(tmp_path: Path) -> None:
     layout = RunLayout(tmp_path)
     sdir = layout.state_dir("toy")
     sdir.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(sdir)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(sdir)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): needs root")
     try:
@@ -327,10 +364,13 @@ def test_state_write_error_does_not_stop_the_batch(tmp_path: Path) -> None:
         except OSError:
             pass
         proc = partial(_process, layout=layout, fail=frozenset({"s01"}))
-        summary = run_slides("toy", ITEMS, proc, layout, is_done=partial(_is_done, layout=layout),
-                             progress=False)
+        summary = run_slides(
+            "toy", ITEMS, proc, layout, is_done=partial(_is_done, layout=layout), progress=False
+        )
         assert summary.count(DONE) == len(ITEMS) - 1 and summary.n_failed == 1
-        assert "truncated file" in (next(r for r in summary.results if r.slide_id == "s01").error or "")
+        assert "truncated file" in (
+            next(r for r in summary.results if r.slide_id == "s01").error or ""
+        )
         assert read_state(layout, "toy", "s00") == {}  # nothing could be recorded
         assert not list(sdir.glob(".*"))  # no temp state file left behind
     finally:

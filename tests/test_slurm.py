@@ -45,17 +45,22 @@ def _cluster_up() -> bool:
 def cluster() -> None:
     """A running single-node Slurm; started here (and stopped after) unless it already ran."""
     if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
-        pytest.skip("Slurm is not installed (apt-get install slurmctld slurmd slurm-client munge; "
-                    ".ci/run does)")
+        pytest.skip(
+            "Slurm is not installed (apt-get install slurmctld slurmd slurm-client munge; "
+            ".ci/run does)"
+        )
     was_up = _cluster_up()
     if not was_up:
         env = {**os.environ, "SLURM_LOCAL_NO_INSTALL": "1"}
-        r = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True,
-                           timeout=120, env=env)
+        r = subprocess.run(
+            ["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=120, env=env
+        )
         if r.returncode != 0:
             # under CI (.ci/run installed Slurm) a cluster that does not start fails the run
-            skip_or_fail_in_ci(f"Slurm is installed but the local cluster did not start (exit "
-                               f"{r.returncode}): {r.stderr.strip()[-500:]}")
+            skip_or_fail_in_ci(
+                f"Slurm is installed but the local cluster did not start (exit "
+                f"{r.returncode}): {r.stderr.strip()[-500:]}"
+            )
     try:
         yield
     finally:
@@ -71,28 +76,45 @@ def setup(tmp_path_factory: pytest.TempPathFactory, wsi_dir: Path) -> dict[str, 
     from wsi_pipe.encoders import create_encoder, save_encoder
 
     d = tmp_path_factory.mktemp("slurm")
-    rows = [("bracs", wsi_dir / "BRACS_1640_N_3_cropped.tiff", "a", "0.25"),
-            ("cmu", wsi_dir / "CMU-1-Small-Region.svs", "b", ""),
-            ("os1", wsi_dir / "OS-1-detail_HE.ome.tif", "a", ""),
-            ("os2", wsi_dir / "OS-2-ndpi-crop_Ki67.ome.tif", "b", "")]
+    rows = [
+        ("bracs", wsi_dir / "BRACS_1640_N_3_cropped.tiff", "a", "0.25"),
+        ("cmu", wsi_dir / "CMU-1-Small-Region.svs", "b", ""),
+        ("os1", wsi_dir / "OS-1-detail_HE.ome.tif", "a", ""),
+        ("os2", wsi_dir / "OS-2-ndpi-crop_Ki67.ome.tif", "b", ""),
+    ]
     for _, p, _, _ in rows:
         if not p.exists():
             pytest.skip(f"test slide {p} is missing")
     man = d / "slides.csv"
-    man.write_text("slide_id,path,patient_id,label,mpp\n"
-                   + "".join(f"{s},{p},{s},{lab},{m}\n" for s, p, lab, m in rows))
+    man.write_text(
+        "slide_id,path,patient_id,label,mpp\n"
+        + "".join(f"{s},{p},{s},{lab},{m}\n" for s, p, lab, m in rows)
+    )
     torch.manual_seed(0)
     enc = d / "enc.pt"
     save_encoder(create_encoder("ssmamba_tiny"), enc, {"note": "random init, test encoder"})
     out = {"manifest": man, "encoder": enc}
     for name in ("local", "slurm"):
         cfg = {
-            "slides": [str(man)], "manifest": str(man), "out": str(d / name),
+            "slides": [str(man)],
+            "manifest": str(man),
+            "out": str(d / name),
             "tile": {"target_mpps": [1.0], "tile_px": 64},
-            "extract": {"encoder": str(enc), "device": "cpu", "batch_size": 32, "workers": 0,
-                        "threads": 1},
-            "mil": {"method": "abmil", "n_folds": 2, "epochs": 2, "hidden_dim": 16,
-                    "bootstrap": 0, "device": "cpu"},
+            "extract": {
+                "encoder": str(enc),
+                "device": "cpu",
+                "batch_size": 32,
+                "workers": 0,
+                "threads": 1,
+            },
+            "mil": {
+                "method": "abmil",
+                "n_folds": 2,
+                "epochs": 2,
+                "hidden_dim": 16,
+                "bootstrap": 0,
+                "device": "cpu",
+            },
         }
         (d / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         out[name] = d / f"{name}.yaml"
@@ -101,8 +123,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory, wsi_dir: Path) -> dict[str, 
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_pipe.cli.app", "-q", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _check_all_completed(layout: RunLayout, jobs: list[sl.SubmittedJob]) -> None:
@@ -113,22 +140,53 @@ def _check_all_completed(layout: RunLayout, jobs: list[sl.SubmittedJob]) -> None
         assert len(states) == n, (j, states)
         for t in states:
             assert t.state == "COMPLETED" and t.exit_code == 0, (j.stage, t)
-            log = (layout.slurm_dir / (f"{j.stage}-{j.job_id}_{t.task}.out" if j.array_size
-                                       else f"{j.stage}-{j.job_id}.out"))
+            log = layout.slurm_dir / (
+                f"{j.stage}-{j.job_id}_{t.task}.out"
+                if j.array_size
+                else f"{j.stage}-{j.job_id}.out"
+            )
             assert "[wsi-pipe] exit 0" in log.read_text(), log
 
 
 def test_submit_all_chain_equals_local_run(cluster: None, setup: dict[str, Path]) -> None:
     # the local reference run: `wsi-pipe run`, one thread per process like each Slurm task
     # (training results depend on the order of float reductions, i.e. on the thread count)
-    ref = subprocess.run([sys.executable, "-m", "wsi_pipe.cli.app", "-q", "run", "--config",
-                          str(setup["local"]), "--only", "tile", "--only", "extract", "--only",
-                          "train-mil"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsi_pipe.cli.app",
+            "-q",
+            "run",
+            "--config",
+            str(setup["local"]),
+            "--only",
+            "tile",
+            "--only",
+            "extract",
+            "--only",
+            "train-mil",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert ref.returncode == 0, (ref.stdout[-3000:], ref.stderr[-3000:])
 
-    r = cli("submit", "all", "--config", str(setup["slurm"]), "--slurm", "--array-size", "2",
-            "--wait", "--wait-timeout", "240")
+    r = cli(
+        "submit",
+        "all",
+        "--config",
+        str(setup["slurm"]),
+        "--slurm",
+        "--array-size",
+        "2",
+        "--wait",
+        "--wait-timeout",
+        "240",
+    )
     assert r.returncode == 0, (r.stdout, r.stderr)
     run = setup["slurm_run"]
     layout = RunLayout(run)
@@ -158,8 +216,9 @@ def test_submit_all_chain_equals_local_run(cluster: None, setup: dict[str, Path]
     assert "extract/enc" in s.stdout and f"slurm job {jobs[0].job_id} tile" in s.stdout
 
 
-def test_resubmit_reruns_only_missing_and_overlap_is_safe(cluster: None,
-                                                           setup: dict[str, Path]) -> None:
+def test_resubmit_reruns_only_missing_and_overlap_is_safe(
+    cluster: None, setup: dict[str, Path]
+) -> None:
     run = setup["slurm_run"]
     layout = RunLayout(run)
     if not layout.slides_table.exists():
@@ -167,8 +226,20 @@ def test_resubmit_reruns_only_missing_and_overlap_is_safe(cluster: None,
     before = {sid: read_state(layout, "tile", sid)["attempts"] for sid in SLIDES}
     for sid in ("cmu", "os2"):  # lose two slides' outputs
         layout.coords_store(sid, 1.0, "h5").unlink()
-    args = ("submit", "tile", str(setup["manifest"]), "--out", str(run), "--mpp", "1.0",
-            "--tile-px", "64", "--slurm", "--array-size", "2")
+    args = (
+        "submit",
+        "tile",
+        str(setup["manifest"]),
+        "--out",
+        str(run),
+        "--mpp",
+        "1.0",
+        "--tile-px",
+        "64",
+        "--slurm",
+        "--array-size",
+        "2",
+    )
     ids = []
     for _ in range(2):  # the same array submitted twice: the two overlap on the node
         r = cli(*args)

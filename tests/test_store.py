@@ -12,8 +12,15 @@ BACKENDS = ["h5", "zarr"]
 
 
 def _attrs(kind: str = "features") -> dict:
-    return {"kind": kind, "slide_id": "s1", "level0_mpp": 0.2631, "target_mpp": 0.5, "tile_px": 256,
-            "mpp_source": None, "levels": (1, 4, 16)}
+    return {
+        "kind": kind,
+        "slide_id": "s1",
+        "level0_mpp": 0.2631,
+        "target_mpp": 0.5,
+        "tile_px": 256,
+        "mpp_source": None,
+        "levels": (1, 4, 16),
+    }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -22,8 +29,12 @@ def test_roundtrip_arrays_and_attrs(tmp_path, backend):
     coords = rng.integers(0, 10**6, size=(5000, 2)).astype(np.int64)
     feats = rng.standard_normal((5000, 64)).astype(np.float16)
     path = tmp_path / f"s1.{backend}"
-    write_store(path, {"coords": coords, "features": feats}, _attrs(),
-                {"coords": {"patch_size": 256, "downsample": [2.0, 2.0]}})
+    write_store(
+        path,
+        {"coords": coords, "features": feats},
+        _attrs(),
+        {"coords": {"patch_size": 256, "downsample": [2.0, 2.0]}},
+    )
     with open_store(path) as r:
         assert sorted(r.names) == ["coords", "features"]
         np.testing.assert_array_equal(r.read("coords"), coords)
@@ -68,8 +79,11 @@ def test_streaming_writes_equal_one_shot_and_chunks_are_large(tmp_path, backend)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_store(tmp_path, backend):
     path = tmp_path / f"e.{backend}"
-    write_store(path, {"coords": np.zeros((0, 2), np.int64), "features": np.zeros((0, 384), np.float32)},
-                _attrs())
+    write_store(
+        path,
+        {"coords": np.zeros((0, 2), np.int64), "features": np.zeros((0, 384), np.float32)},
+        _attrs(),
+    )
     with open_store(path) as r:
         assert r.shape("features") == (0, 384)
         assert r.read("coords").shape == (0, 2)
@@ -87,8 +101,11 @@ def test_failed_writer_leaves_nothing(tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_schema_violations_are_clear(tmp_path, backend):
     path = tmp_path / f"bad.{backend}"
-    write_store(path, {"coords": np.zeros((3, 2), np.int64), "features": np.zeros((4, 8), np.float32)},
-                _attrs())
+    write_store(
+        path,
+        {"coords": np.zeros((3, 2), np.int64), "features": np.zeros((4, 8), np.float32)},
+        _attrs(),
+    )
     with pytest.raises(StoreSchemaError, match="4 rows, coords has 3"):
         open_store(path)
     future = tmp_path / f"future.{backend}"

@@ -26,8 +26,9 @@ def _tile(inputs, out, **kw):
 def rect_slide(tmp_path_factory) -> Path:
     """8192^2 px at 0.25 um/px with one tissue rectangle aligned to the 0.5 um/px / 256 px grid."""
     d = tmp_path_factory.mktemp("rect")
-    write_pyramidal_tiff(d / "rect.tif", 8192, 8192, 0.25, levels=3,
-                         painter=RectPainter([(1024, 1024, 3072, 2048)]))
+    write_pyramidal_tiff(
+        d / "rect.tif", 8192, 8192, 0.25, levels=3, painter=RectPainter([(1024, 1024, 3072, 2048)])
+    )
     return d / "rect.tif"
 
 
@@ -73,8 +74,9 @@ def test_pixels_read_at_stored_coords_are_tissue(rect_slide, tmp_path):
 
 def test_true_mpp_gives_exact_read_size(tmp_path):
     """A 0.263 um/px slide tiled at 0.5 um/px reads 487 px tiles at level 0, not 512."""
-    write_pyramidal_tiff(tmp_path / "odd.tif", 4096, 4096, 0.263, levels=3,
-                         painter=RectPainter([(0, 0, 4096, 4096)]))
+    write_pyramidal_tiff(
+        tmp_path / "odd.tif", 4096, 4096, 0.263, levels=3, painter=RectPainter([(0, 0, 4096, 4096)])
+    )
     s = _tile([tmp_path / "odd.tif"], tmp_path / "run", target_mpps=(0.5,), min_tissue_fraction=0.9)
     assert s.ok
     with open_store(RunLayout(tmp_path / "run").coords_store("odd", 0.5, "h5")) as r:
@@ -89,8 +91,10 @@ def test_overlap_and_zarr_backend_agree_with_h5(rect_slide, tmp_path):
     kw = dict(target_mpps=(0.5,), tile_px=256, overlap_px=128, min_tissue_fraction=0.5)
     _tile([rect_slide], tmp_path / "h5", store="h5", **kw)
     _tile([rect_slide], tmp_path / "zarr", store="zarr", **kw)
-    with open_store(RunLayout(tmp_path / "h5").coords_store("rect", 0.5, "h5")) as a, \
-            open_store(RunLayout(tmp_path / "zarr").coords_store("rect", 0.5, "zarr")) as b:
+    with (
+        open_store(RunLayout(tmp_path / "h5").coords_store("rect", 0.5, "h5")) as a,
+        open_store(RunLayout(tmp_path / "zarr").coords_store("rect", 0.5, "zarr")) as b,
+    ):
         np.testing.assert_array_equal(a.read("coords"), b.read("coords"))
         np.testing.assert_array_equal(a.read("tissue_fraction"), b.read("tissue_fraction"))
         steps = np.diff(np.unique(a.read("coords")[:, 0]))
@@ -117,8 +121,13 @@ def test_resume_overwrite_and_config_change(rect_slide, tmp_path):
     assert s2.count("skipped") == 1 and store.stat().st_mtime_ns == mtime
     s3 = _tile([rect_slide], tmp_path, min_tissue_fraction=0.9)  # another config: redone
     assert s3.count("done") == 1
-    s4 = run_tile([str(rect_slide)], tmp_path, TileConfig(min_tissue_fraction=0.9), overwrite=True,
-                  progress=False)
+    s4 = run_tile(
+        [str(rect_slide)],
+        tmp_path,
+        TileConfig(min_tissue_fraction=0.9),
+        overwrite=True,
+        progress=False,
+    )
     assert s4.count("done") == 1
     state = json.loads(RunLayout(tmp_path).state_file("tile", "rect").read_text())
     assert state["status"] == "done" and state["attempts"] == 3
@@ -155,8 +164,22 @@ def test_real_slides(wsi_dir, tmp_path):
     assert res["CMU-1-Small-Region_dicom"].status == "done"
     # the DICOM pyramid and the SVS are the same pixels: the same grid must come out (within a
     # few edge tiles, since JPEG re-encoding moves the tissue boundary slightly)
-    a = set(map(tuple, open_store(RunLayout(tmp_path).coords_store("CMU-1-Small-Region", 0.5, "h5")).read("coords")))
-    b = set(map(tuple, open_store(RunLayout(tmp_path).coords_store("CMU-1-Small-Region_dicom", 0.5, "h5")).read("coords")))
+    a = set(
+        map(
+            tuple,
+            open_store(RunLayout(tmp_path).coords_store("CMU-1-Small-Region", 0.5, "h5")).read(
+                "coords"
+            ),
+        )
+    )
+    b = set(
+        map(
+            tuple,
+            open_store(
+                RunLayout(tmp_path).coords_store("CMU-1-Small-Region_dicom", 0.5, "h5")
+            ).read("coords"),
+        )
+    )
     assert len(a & b) / len(a | b) > 0.85
     # 16 x 16 px: nothing to tile, an empty store and no error
     assert res["CMU-1_16x16_tiny"].status == "done"
@@ -170,14 +193,31 @@ def test_real_slides(wsi_dir, tmp_path):
 def test_manifest_mpp_override_and_cli_exit_codes(wsi_dir, tmp_path):
     m = tmp_path / "m.csv"
     m.write_text(f"slide_id,path,mpp\nbracs,{wsi_dir / 'BRACS_1640_N_3_cropped.tiff'},0.25\n")
-    cmd = [sys.executable, "-m", "wsi_pipe.cli.app", "-q", "tile", str(m), "--out", str(tmp_path / "ok")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_pipe.cli.app",
+        "-q",
+        "tile",
+        str(m),
+        "--out",
+        str(tmp_path / "ok"),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     with open_store(RunLayout(tmp_path / "ok").coords_store("bracs", 0.5, "h5")) as r:
         assert r.attrs["level0_mpp"] == 0.25 and r.attrs["mpp_source"] == "override"
         assert len(r) > 0  # all tissue
-    cmd = [sys.executable, "-m", "wsi_pipe.cli.app", "-q", "tile",
-           str(wsi_dir / "BRACS_1640_N_3_cropped.tiff"), "--out", str(tmp_path / "bad")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_pipe.cli.app",
+        "-q",
+        "tile",
+        str(wsi_dir / "BRACS_1640_N_3_cropped.tiff"),
+        "--out",
+        str(tmp_path / "bad"),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 1
     assert "failed" in p.stdout and "--mpp-override" in p.stdout

@@ -257,7 +257,7 @@ class ShapePainter:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def DiscPainter(  # noqa: N802 - a painter constructor, named like the class it returns
+def DiscPainter(
     discs: Sequence[tuple[float, float, float]],
     holes: Sequence[tuple[float, float, float]] = (),
     texture: Texture | None = None,
@@ -266,7 +266,7 @@ def DiscPainter(  # noqa: N802 - a painter constructor, named like the class it 
     return ShapePainter([Disc(*d) for d in discs], texture, [Disc(*d) for d in holes])
 
 
-def RectPainter(  # noqa: N802
+def RectPainter(
     rects: Sequence[tuple[float, float, float, float]],
     holes: Sequence[tuple[float, float, float, float]] = (),
     texture: Texture | None = None,
@@ -275,7 +275,7 @@ def RectPainter(  # noqa: N802
     return ShapePainter([Rect(*r) for r in rects], texture, [Rect(*r) for r in holes])
 
 
-def TexturePainter(  # noqa: N802
+def TexturePainter(
     shapes: Sequence[Shape],
     variant: Literal["A", "B"] = "A",
     scale: float = 1.0,
@@ -446,13 +446,21 @@ class PatchMosaicTexture:
             raise ValueError("PatchMosaicTexture needs at least one patch")
         side = min(min(p.shape[0], p.shape[1]) for p in patches)
         side = 1 << int(math.floor(math.log2(side)))  # power of two: clean mip levels
-        stack = np.stack([cv2.resize(np.ascontiguousarray(p[..., :3]), (side, side),
-                                     interpolation=cv2.INTER_AREA) for p in patches])
+        stack = np.stack(
+            [
+                cv2.resize(
+                    np.ascontiguousarray(p[..., :3]), (side, side), interpolation=cv2.INTER_AREA
+                )
+                for p in patches
+            ]
+        )
         self.side, self.scale, self.seed = side, float(scale), int(seed)
         self._mips = [stack.astype(np.float32)]
         while self._mips[-1].shape[1] > 1:
             m = self._mips[-1]
-            self._mips.append(0.25 * (m[:, 0::2, 0::2] + m[:, 1::2, 0::2] + m[:, 0::2, 1::2] + m[:, 1::2, 1::2]))
+            self._mips.append(
+                0.25 * (m[:, 0::2, 0::2] + m[:, 1::2, 0::2] + m[:, 0::2, 1::2] + m[:, 1::2, 1::2])
+            )
 
     def __call__(self, xs: np.ndarray, ys: np.ndarray, ds: float) -> np.ndarray:
         cell = self.side * self.scale
@@ -519,12 +527,19 @@ class CompositePainter:
     at any level, like `ShapePainter.region_mask`.
     """
 
-    def __init__(self, shapes: Sequence[Shape], texture: Texture,
-                 insertions: Sequence[Insertion] = (), holes: Sequence[Shape] = (),
-                 background: tuple[int, int, int] = WHITE) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[Shape],
+        texture: Texture,
+        insertions: Sequence[Insertion] = (),
+        holes: Sequence[Shape] = (),
+        background: tuple[int, int, int] = WHITE,
+    ) -> None:
         for ins in insertions:
             if ins.kind not in INSERTION_KINDS:
-                raise ValueError(f"unknown insertion kind {ins.kind!r}; choose one of {INSERTION_KINDS}")
+                raise ValueError(
+                    f"unknown insertion kind {ins.kind!r}; choose one of {INSERTION_KINDS}"
+                )
             if ins.kind == "tissue" and ins.texture is None:
                 raise ValueError("a 'tissue' insertion needs a texture")
             if ins.kind == "pen" and ins.ink is None:
@@ -537,10 +552,14 @@ class CompositePainter:
     def tissue_mask(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
         return self.base.tissue_mask(x0, y0, w, h, ds)
 
-    def insertion_mask(self, index: int, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
+    def insertion_mask(
+        self, index: int, x0: float, y0: float, w: int, h: int, ds: float
+    ) -> np.ndarray:
         """bool (h, w): pixel centres in tissue and inside insertion `index`."""
         xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
-        return self.base.tissue_mask(x0, y0, w, h, ds) & (self.insertions[index].shape.sdf(xs, ys) > 0)
+        return self.base.tissue_mask(x0, y0, w, h, ds) & (
+            self.insertions[index].shape.sdf(xs, ys) > 0
+        )
 
     def _colour(self, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
         xs, ys = _centres(x0, w, ds), _centres(y0, h, ds)
@@ -564,7 +583,7 @@ class CompositePainter:
                 sig = max(0.5, ins.sigma_l0 / ds)
                 m = int(math.ceil(3 * sig))
                 ext = self._colour(x0 - m * ds, y0 - m * ds, w + 2 * m, h + 2 * m, ds)
-                new = cv2.GaussianBlur(ext, (0, 0), sig)[m:m + h, m:m + w]
+                new = cv2.GaussianBlur(ext, (0, 0), sig)[m : m + h, m : m + w]
             elif ins.kind == "pen":
                 ink = ins.ink
                 assert ink is not None
@@ -575,12 +594,17 @@ class CompositePainter:
                 v = np.where(v >= ih, 2 * ih - 1 - v, v)
                 new = colour * ink[v[:, None], u[None, :]]
             elif ins.kind == "fold":
-                shift = 0.37 * (ins.shape.r if isinstance(ins.shape, Disc) else (ins.shape.x1 - ins.shape.x0))
+                shift = 0.37 * (
+                    ins.shape.r if isinstance(ins.shape, Disc) else (ins.shape.x1 - ins.shape.x0)
+                )
                 under = self._colour(x0 + shift, y0 + shift * 0.6, w, h, ds)
                 new = colour * under / 255.0 * 0.95
             else:  # bubble
-                r = ins.shape.r if isinstance(ins.shape, Disc) else 0.5 * min(
-                    ins.shape.x1 - ins.shape.x0, ins.shape.y1 - ins.shape.y0)
+                r = (
+                    ins.shape.r
+                    if isinstance(ins.shape, Disc)
+                    else 0.5 * min(ins.shape.x1 - ins.shape.x0, ins.shape.y1 - ins.shape.y0)
+                )
                 rim = np.exp(-((sd / max(0.06 * r, ds)) ** 2))[..., None].astype(np.float32)
                 washed = 0.45 * colour + 0.55 * 245.0
                 new = washed * (1 - 0.75 * rim) + 60.0 * 0.75 * rim
@@ -595,7 +619,9 @@ def shape_polygon(shape: Shape, n_vertices: int = 64) -> np.ndarray:
         t = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)
         pts = np.stack([shape.cx + shape.r * np.cos(t), shape.cy + shape.r * np.sin(t)], 1)
     else:
-        pts = np.array([[shape.x0, shape.y0], [shape.x1, shape.y0], [shape.x1, shape.y1], [shape.x0, shape.y1]])
+        pts = np.array(
+            [[shape.x0, shape.y0], [shape.x1, shape.y0], [shape.x1, shape.y1], [shape.x0, shape.y1]]
+        )
     return np.concatenate([pts, pts[:1]])
 
 
@@ -604,9 +630,15 @@ def insertions_geojson(insertions: Sequence[Insertion], slide_id: str) -> dict:
     The polygons are the insertion shapes; tissue clipping is left to the tile labelling."""
     feats = []
     for ins in insertions:
-        feats.append({
-            "type": "Feature", "id": f"{slide_id}-{len(feats)}",
-            "geometry": {"type": "Polygon", "coordinates": [shape_polygon(ins.shape).round(2).tolist()]},
-            "properties": {"objectType": "annotation", "classification": {"name": ins.cls}},
-        })
+        feats.append(
+            {
+                "type": "Feature",
+                "id": f"{slide_id}-{len(feats)}",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [shape_polygon(ins.shape).round(2).tolist()],
+                },
+                "properties": {"objectType": "annotation", "classification": {"name": ins.cls}},
+            }
+        )
     return {"type": "FeatureCollection", "features": feats}

@@ -27,4 +27,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         return torch.device(text)
     except RuntimeError:
-        raise ConfigError(f"--device {text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(
+            f"--device {text!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None

@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
     @sub.command("fit")
     def fit_cmd(
         run_dir: Path | None = typer.Argument(
-            None, help="run folder with feature stores (default: the run holding the current folder)"
+            None,
+            help="run folder with feature stores (default: the run holding the current folder)",
         ),
         features: str | None = typer.Option(
             None, "--features", help="feature set (default: the only one)"
@@ -101,7 +102,8 @@ def register(app: typer.Typer) -> None:
     @sub.command("score")
     def score_cmd(
         run_dir: Path | None = typer.Argument(
-            None, help="run folder with feature stores and a fitted model (default: the current run)"
+            None,
+            help="run folder with feature stores and a fitted model (default: the current run)",
         ),
         model: str | None = typer.Option(
             None, "--model", help="model name under RUN_DIR/anomaly/ (default: latest)"

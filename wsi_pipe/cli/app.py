@@ -17,7 +17,13 @@ app = typer.Typer(
 
 #: modules under wsi_pipe.cli that define `register(app)`; a missing one is skipped
 _COMMAND_MODULES = (
-    "tile_cmd", "pretrain_cmd", "extract_cmd", "mil_cmd", "cluster_cmd", "anomaly_cmd", "report_cmd",
+    "tile_cmd",
+    "pretrain_cmd",
+    "extract_cmd",
+    "mil_cmd",
+    "cluster_cmd",
+    "anomaly_cmd",
+    "report_cmd",
 )
 
 
@@ -29,8 +35,13 @@ def _root(
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
     for noisy in ("PIL", "tifffile", "numcodecs", "zarr", "asyncio", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -11,8 +11,13 @@ from wsi_pipe.cli.common import console, err_console, fail, run_guarded
 #: commands that are not stages and cannot be submitted
 _NOT_STAGES = {"submit", "status", "run", "demo"}
 #: stage commands whose `--config` is validated at submit time (before anything is queued)
-_STAGE_CONFIG = {"tile": "TileConfig", "extract": "ExtractConfig", "pretrain": "PretrainConfig",
-                 "train-mil": "MilConfig", "finetune": "FinetuneConfig"}
+_STAGE_CONFIG = {
+    "tile": "TileConfig",
+    "extract": "ExtractConfig",
+    "pretrain": "PretrainConfig",
+    "train-mil": "MilConfig",
+    "finetune": "FinetuneConfig",
+}
 
 
 def _option_value(args: list[str], *names: str) -> str | None:
@@ -60,10 +65,14 @@ def _print_wait(jobs: list, timeout_s: float) -> bool:  # type: ignore[type-arg]
         tasks = states.get(j.job_id, [])
         bad = [t for t in tasks if not t.ok]
         ok &= bool(tasks) and not bad
-        summary = ", ".join(
-            f"{'task ' + str(t.task) if t.task is not None else 'job'}: {t.state} "
-            f"(exit {t.exit_code}{', ' + t.reason if t.reason else ''})" for t in bad
-        ) or f"{len(tasks)} task(s) COMPLETED"
+        summary = (
+            ", ".join(
+                f"{'task ' + str(t.task) if t.task is not None else 'job'}: {t.state} "
+                f"(exit {t.exit_code}{', ' + t.reason if t.reason else ''})"
+                for t in bad
+            )
+            or f"{len(tasks)} task(s) COMPLETED"
+        )
         colour = "green" if tasks and not bad else "red"
         console.print(f"[{colour}]{j.stage}[/] job {j.job_id}: {summary}")
     return ok
@@ -77,33 +86,53 @@ def register(app: typer.Typer) -> None:
     def submit(
         ctx: typer.Context,
         stage: str = typer.Argument(
-            ..., help="a stage command (tile, extract, pretrain, train-mil, heatmap, ...) or `all`; "
-                      "everything after it that submit does not know goes to that command",
+            ...,
+            help="a stage command (tile, extract, pretrain, train-mil, heatmap, ...) or `all`; "
+            "everything after it that submit does not know goes to that command",
         ),
         slurm: bool = typer.Option(
-            False, "--slurm", help="submit to Slurm; without it the script(s) are written and shown only",
+            False,
+            "--slurm",
+            help="submit to Slurm; without it the script(s) are written and shown only",
         ),
         array_size: int | None = typer.Option(
-            None, "--array-size", min=1,
+            None,
+            "--array-size",
+            min=1,
             help="array tasks (shards); default: one per slide up to 100",
         ),
-        max_parallel: int | None = typer.Option(None, "--max-parallel", min=1, help="tasks at once (%K)"),
+        max_parallel: int | None = typer.Option(
+            None, "--max-parallel", min=1, help="tasks at once (%K)"
+        ),
         partition: str | None = typer.Option(None, "--partition"),
-        gres: str | None = typer.Option(None, "--gres", help="e.g. gpu:1 (with `all`: not for tile)"),
+        gres: str | None = typer.Option(
+            None, "--gres", help="e.g. gpu:1 (with `all`: not for tile)"
+        ),
         cpus: int | None = typer.Option(None, "--cpus", min=1, help="CPUs per task"),
         mem: str | None = typer.Option(None, "--mem", help="memory per task, e.g. 16G"),
-        time_limit: str | None = typer.Option(None, "--time", help="time limit per task, e.g. 04:00:00"),
+        time_limit: str | None = typer.Option(
+            None, "--time", help="time limit per task, e.g. 04:00:00"
+        ),
         account: str | None = typer.Option(None, "--account"),
-        after: list[str] | None = typer.Option(None, "--after", help="job id to wait for (afterok); repeat"),
+        after: list[str] | None = typer.Option(
+            None, "--after", help="job id to wait for (afterok); repeat"
+        ),
         tolerate_failures: bool = typer.Option(
-            False, "--tolerate-failures",
+            False,
+            "--tolerate-failures",
             help="a task whose slides partly failed (recorded in state/) exits 0, so later stages run",
         ),
         run_dir: Path | None = typer.Option(
-            None, "--run-dir", help="run folder for the script and logs (default: the stage's --out or RUN_DIR)",
+            None,
+            "--run-dir",
+            help="run folder for the script and logs (default: the stage's --out or RUN_DIR)",
         ),
-        wait: bool = typer.Option(False, "--wait", help="poll until the jobs finish; exit 1 if a task failed"),
-        wait_timeout: float = typer.Option(24 * 3600.0, "--wait-timeout", help="seconds --wait polls"),
+        wait: bool = typer.Option(
+            False, "--wait", help="poll until the jobs finish; exit 1 if a task failed"
+        ),
+        wait_timeout: float = typer.Option(
+            24 * 3600.0, "--wait-timeout", help="seconds --wait polls"
+        ),
     ) -> None:
         """Run a stage as a Slurm job array (task i does shard i of N); `all` chains the stages.
 
@@ -116,22 +145,30 @@ def register(app: typer.Typer) -> None:
         from wsi_pipe.runner import slurm as sl
 
         args = list(ctx.args)
-        res = sl.SlurmResources(partition=partition, gres=gres, cpus=cpus, mem=mem, time=time_limit,
-                                account=account)
+        res = sl.SlurmResources(
+            partition=partition, gres=gres, cpus=cpus, mem=mem, time=time_limit, account=account
+        )
         deps = tuple(after or ())
         if stage == "all":
             from wsi_pipe.stages.pipeline import load_run_config, slurm_plan
 
             cfg_path = _option_value(args, "--config", "-c")
             if cfg_path is None:
-                fail("`submit all` needs --config RUN.yaml (a RunConfig, like configs/example.yaml)")
+                fail(
+                    "`submit all` needs --config RUN.yaml (a RunConfig, like configs/example.yaml)"
+                )
             cfg = run_guarded(load_run_config, cfg_path)
             plan = run_guarded(slurm_plan, cfg, array_size=array_size, cpus_per_task=cpus)
             layout = RunLayout(run_dir or cfg.out)
             specs = [
-                sl.JobSpec(p.stage, p.argv, p.array_size if p.array else None, max_parallel,
-                           res if p.gpu else sl.SlurmResources(**{**res.__dict__, "gres": None}),
-                           tolerate_slide_failures=tolerate_failures)
+                sl.JobSpec(
+                    p.stage,
+                    p.argv,
+                    p.array_size if p.array else None,
+                    max_parallel,
+                    res if p.gpu else sl.SlurmResources(**{**res.__dict__, "gres": None}),
+                    tolerate_slide_failures=tolerate_failures,
+                )
                 for p in plan
             ]
         else:
@@ -143,8 +180,9 @@ def register(app: typer.Typer) -> None:
             if cfg_path is not None and stage in _STAGE_CONFIG:
                 from wsi_pipe.core import config as cfgmod
 
-                stage_cfg = run_guarded(cfgmod.load_config, getattr(cfgmod, _STAGE_CONFIG[stage]),
-                                        cfg_path)
+                stage_cfg = run_guarded(
+                    cfgmod.load_config, getattr(cfgmod, _STAGE_CONFIG[stage]), cfg_path
+                )
             rd = run_dir or _guess_run_dir(args)
             if rd is None:
                 fail(f"cannot tell the run folder from `{stage} {' '.join(args)}`: give --run-dir")
@@ -154,22 +192,36 @@ def register(app: typer.Typer) -> None:
                 n_slides = _count_slides(rd)
                 n = min(n_slides, 100) if n_slides else 10
                 if not n_slides:
-                    err_console.print(f"[yellow]note:[/] slide count unknown: {n} array tasks "
-                                      "(set --array-size)")
+                    err_console.print(
+                        f"[yellow]note:[/] slide count unknown: {n} array tasks (set --array-size)"
+                    )
             per_slide = stage in ("tile", "extract")
-            if (stage == "extract" and _option_value(args, "--threads") is None
-                    and getattr(stage_cfg, "threads", None) is None):
+            if (
+                stage == "extract"
+                and _option_value(args, "--threads") is None
+                and getattr(stage_cfg, "threads", None) is None
+            ):
                 # torch threads = the CPUs of one task, not the node's cores (tasks share a node)
                 args += ["--threads", str(cpus or 1)]
-            specs = [sl.JobSpec(stage, (stage, *args), max(1, n) if per_slide else None, max_parallel,
-                                res, tolerate_slide_failures=tolerate_failures)]
+            specs = [
+                sl.JobSpec(
+                    stage,
+                    (stage, *args),
+                    max(1, n) if per_slide else None,
+                    max_parallel,
+                    res,
+                    tolerate_slide_failures=tolerate_failures,
+                )
+            ]
         if not slurm:
             for spec in specs:
                 path = sl.write_script(spec, layout)
                 console.rule(str(path))
                 typer.echo(path.read_text())
-            console.print("not submitted: add --slurm to submit"
-                          + (" (each stage waits for the one before, afterok)" if len(specs) > 1 else ""))
+            console.print(
+                "not submitted: add --slurm to submit"
+                + (" (each stage waits for the one before, afterok)" if len(specs) > 1 else "")
+            )
             return
         jobs = run_guarded(sl.submit_chain, specs, layout, deps)
         for j in jobs:
@@ -184,7 +236,9 @@ def register(app: typer.Typer) -> None:
     @app.command("status")
     def status(
         run_dir: Path = typer.Argument(..., help="run folder"),
-        show_failed: int = typer.Option(20, "--show-failed", help="list up to this many failed slides"),
+        show_failed: int = typer.Option(
+            20, "--show-failed", help="list up to this many failed slides"
+        ),
     ) -> None:
         """Done / failed / running / pending slides per stage, and the run's Slurm jobs.
 
@@ -201,9 +255,14 @@ def register(app: typer.Typer) -> None:
         for col in ("stage", "done", "failed", "running", "pending", "slides"):
             t.add_column(col, justify="left" if col == "stage" else "right")
         for stage, g in st.stages.items():
-            t.add_row(stage, f"[green]{len(g['done'])}[/]", f"[red]{len(g['failed'])}[/]",
-                      f"[yellow]{len(g['running'])}[/]", str(len(g["pending"])),
-                      str(sum(len(v) for v in g.values())))
+            t.add_row(
+                stage,
+                f"[green]{len(g['done'])}[/]",
+                f"[red]{len(g['failed'])}[/]",
+                f"[yellow]{len(g['running'])}[/]",
+                str(len(g["pending"])),
+                str(sum(len(v) for v in g.values())),
+            )
         console.print(t if st.stages else "no per-slide stage has run in this folder yet")
         for name, path in st.artifacts.items():
             console.print(f"{name}: {path}")
@@ -222,19 +281,27 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run(
-        config: Path = typer.Option(..., "--config", "-c", help="RunConfig YAML (see configs/example.yaml)"),
+        config: Path = typer.Option(
+            ..., "--config", "-c", help="RunConfig YAML (see configs/example.yaml)"
+        ),
         out: Path | None = typer.Option(None, "--out", "-o", help="override the run folder"),
-        workers: int | None = typer.Option(None, "--workers", "-w", help="slides tiled in parallel"),
+        workers: int | None = typer.Option(
+            None, "--workers", "-w", help="slides tiled in parallel"
+        ),
         overwrite: bool = typer.Option(False, "--overwrite", help="redo what is already done"),
         only: list[str] | None = typer.Option(
-            None, "--only", help="run only these stages (tile, pretrain, extract, train-mil, heatmap)",
+            None,
+            "--only",
+            help="run only these stages (tile, pretrain, extract, train-mil, heatmap)",
         ),
     ) -> None:
         """Run every configured stage locally: tile -> pretrain -> extract -> train-mil -> heatmap."""
         from wsi_pipe.stages.pipeline import load_run_config, run_pipeline
 
         cfg = run_guarded(load_run_config, config, out=str(out) if out else None, workers=workers)
-        result = run_guarded(run_pipeline, cfg, overwrite=overwrite, only=tuple(only) if only else None)
+        result = run_guarded(
+            run_pipeline, cfg, overwrite=overwrite, only=tuple(only) if only else None
+        )
         _print_pipeline(result)
         if not result.ok:
             raise typer.Exit(1)
@@ -242,15 +309,25 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="demo folder"),
-        slides: int = typer.Option(8, "--slides", "-n", min=4, help="synthetic slides (two classes)"),
+        slides: int = typer.Option(
+            8, "--slides", "-n", min=4, help="synthetic slides (two classes)"
+        ),
         size_px: int = typer.Option(4096, "--size-px", min=1024, help="level-0 side of each slide"),
         epochs: int = typer.Option(3, "--pretrain-epochs", min=1, help="pretraining epochs"),
         workers: int = typer.Option(2, "--workers", "-w", help="slides tiled in parallel"),
         seed: int = typer.Option(0, "--seed"),
-        pretrain_steps: int = typer.Option(10, "--pretrain-steps", min=1, help="steps per pretraining epoch"),
-        mil_epochs: int = typer.Option(40, "--mil-epochs", min=1, help="MIL training epochs per fold"),
-        bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="bootstrap resamples of the CIs"),
-        report: bool = typer.Option(True, "--report/--no-report", help="write RUN/report.html at the end"),
+        pretrain_steps: int = typer.Option(
+            10, "--pretrain-steps", min=1, help="steps per pretraining epoch"
+        ),
+        mil_epochs: int = typer.Option(
+            40, "--mil-epochs", min=1, help="MIL training epochs per fold"
+        ),
+        bootstrap: int = typer.Option(
+            200, "--bootstrap", min=0, help="bootstrap resamples of the CIs"
+        ),
+        report: bool = typer.Option(
+            True, "--report/--no-report", help="write RUN/report.html at the end"
+        ),
     ) -> None:
         """No downloads: a synthetic two-class cohort through every stage on the CPU in minutes.
 
@@ -258,9 +335,19 @@ def register(app: typer.Typer) -> None:
         """
         from wsi_pipe.stages.demo import run_demo
 
-        result = run_guarded(run_demo, out, n_slides=slides, size_px=size_px, pretrain_epochs=epochs,
-                             workers=workers, seed=seed, pretrain_steps=pretrain_steps,
-                             mil_epochs=mil_epochs, bootstrap=bootstrap, report=report)
+        result = run_guarded(
+            run_demo,
+            out,
+            n_slides=slides,
+            size_px=size_px,
+            pretrain_epochs=epochs,
+            workers=workers,
+            seed=seed,
+            pretrain_steps=pretrain_steps,
+            mil_epochs=mil_epochs,
+            bootstrap=bootstrap,
+            report=report,
+        )
         _print_pipeline(result)
         if "report" in result.outputs:
             console.print(f"open the report: {result.outputs['report']}", highlight=False)

@@ -55,8 +55,12 @@ def print_summary(summary: RunSummary, extra_cols: dict[str, str] | None = None)
                 vals.append(", ".join(f"{k}:{x}" for k, x in v.items()))
             else:
                 vals.append(f"{v:.4g}" if isinstance(v, float) else str(v))
-        t.add_row(r.slide_id, f"[{colour.get(r.status, 'white')}]{r.status}[/]", *vals,
-                  f"{r.seconds:.2f}" if r.seconds else "")
+        t.add_row(
+            r.slide_id,
+            f"[{colour.get(r.status, 'white')}]{r.status}[/]",
+            *vals,
+            f"{r.seconds:.2f}" if r.seconds else "",
+        )
     console.print(t)
     for r in summary.results:
         if r.status == "failed":

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from wsi_pipe.cli.common import console, fail, parse_shard, print_summary, resolve_run_dir, run_guarded
+from wsi_pipe.cli.common import (
+    console,
+    fail,
+    parse_shard,
+    print_summary,
+    resolve_run_dir,
+    run_guarded,
+)
 
 
 def resolve_encoder_arg(encoder: str, run_dir: Path) -> str:
@@ -25,28 +32,47 @@ def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
         run_dir: Path | None = typer.Argument(
-            None, help="run folder written by `wsi-pipe tile` (default: the run holding the current folder)"
+            None,
+            help="run folder written by `wsi-pipe tile` (default: the run holding the current folder)",
         ),
         encoder: str | None = typer.Option(
-            None, "--encoder", "-e",
+            None,
+            "--encoder",
+            "-e",
             help="ssmamba.pt / medmamba checkpoint, or a registered architecture (with --weights)",
         ),
-        weights: Path | None = typer.Option(None, "--weights", help="local weights file of an architecture"),
-        name: str | None = typer.Option(None, "--name", help="feature set name (default: checkpoint stem / arch)"),
+        weights: Path | None = typer.Option(
+            None, "--weights", help="local weights file of an architecture"
+        ),
+        name: str | None = typer.Option(
+            None, "--name", help="feature set name (default: checkpoint stem / arch)"
+        ),
         config: Path | None = typer.Option(None, "--config", "-c", help="ExtractConfig YAML"),
-        mpp: list[float] | None = typer.Option(None, "--mpp", help="grid(s) of the run; repeat; default all"),
+        mpp: list[float] | None = typer.Option(
+            None, "--mpp", help="grid(s) of the run; repeat; default all"
+        ),
         device: str | None = typer.Option(None, "--device", help="cuda | cpu | auto"),
         batch_size: int | None = typer.Option(None, "--batch-size", "-b"),
-        workers: int | None = typer.Option(None, "--workers", "-w", help="DataLoader workers reading tiles"),
-        threads: int | None = typer.Option(None, "--threads", help="torch threads of the main process"),
+        workers: int | None = typer.Option(
+            None, "--workers", "-w", help="DataLoader workers reading tiles"
+        ),
+        threads: int | None = typer.Option(
+            None, "--threads", help="torch threads of the main process"
+        ),
         precision: str | None = typer.Option(None, "--precision", help="bf16 | fp16 | fp32"),
-        feature_dtype: str | None = typer.Option(None, "--feature-dtype", help="float32 | float16 on disk"),
+        feature_dtype: str | None = typer.Option(
+            None, "--feature-dtype", help="float32 | float16 on disk"
+        ),
         store: str | None = typer.Option(None, "--store", help="h5 | zarr"),
         clam_export: bool | None = typer.Option(
             None, "--clam-export/--no-clam-export", help="also write CLAM's h5_files/ and pt_files/"
         ),
-        overwrite: bool = typer.Option(False, "--overwrite", help="redo slides that are already done"),
-        shard: str | None = typer.Option(None, "--shard", help="I/N: process shard I of N (Slurm sets it)"),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="redo slides that are already done"
+        ),
+        shard: str | None = typer.Option(
+            None, "--shard", help="I/N: process shard I of N (Slurm sets it)"
+        ),
     ) -> None:
         """Encode the tiles of every slide of a run into feature stores (same rows as coords)."""
         from wsi_pipe.core.config import ExtractConfig, load_config
@@ -58,14 +84,28 @@ def register(app: typer.Typer) -> None:
         if encoder is not None:
             encoder = resolve_encoder_arg(encoder, run_dir)
         cfg = run_guarded(
-            load_config, ExtractConfig, config, encoder=encoder,
-            weights=str(weights) if weights is not None else None, name=name,
-            mpps=tuple(mpp) if mpp else None, device=device, batch_size=batch_size, workers=workers,
-            threads=threads, precision=precision, feature_dtype=feature_dtype, store=store,
+            load_config,
+            ExtractConfig,
+            config,
+            encoder=encoder,
+            weights=str(weights) if weights is not None else None,
+            name=name,
+            mpps=tuple(mpp) if mpp else None,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            threads=threads,
+            precision=precision,
+            feature_dtype=feature_dtype,
+            store=store,
             clam_export=clam_export,
         )
-        summary = run_guarded(run_extract, run_dir, cfg, overwrite=overwrite, shard=parse_shard(shard))
-        print_summary(summary, {"tiles": "tiles", "tiles/s": "tiles_per_s", "data wait": "data_wait"})
+        summary = run_guarded(
+            run_extract, run_dir, cfg, overwrite=overwrite, shard=parse_shard(shard)
+        )
+        print_summary(
+            summary, {"tiles": "tiles", "tiles/s": "tiles_per_s", "data wait": "data_wait"}
+        )
         console.print(f"features: {run_dir / 'features'}")
         if not summary.ok:
             raise typer.Exit(1)

@@ -13,16 +13,25 @@ def register(app: typer.Typer) -> None:
     @app.command("train-mil")
     def train_mil_cmd(
         run_dir: Path | None = typer.Argument(
-            None, help="run folder with feature stores (default: the run holding the current folder)"
+            None,
+            help="run folder with feature stores (default: the run holding the current folder)",
         ),
         manifest: Path | None = typer.Option(
-            None, "--manifest", "-m",
+            None,
+            "--manifest",
+            "-m",
             help="CSV with slide_id, patient_id, label (optional split); default: the labels of the "
             "manifest the run was tiled from",
         ),
-        method: str | None = typer.Option(None, "--method", help="abmil | msm | mamba | mean | max"),
-        features: str | None = typer.Option(None, "--features", help="feature set (default: the only one)"),
-        mpp: float | None = typer.Option(None, "--mpp", help="grid in um/px (default: the only one)"),
+        method: str | None = typer.Option(
+            None, "--method", help="abmil | msm | mamba | mean | max"
+        ),
+        features: str | None = typer.Option(
+            None, "--features", help="feature set (default: the only one)"
+        ),
+        mpp: float | None = typer.Option(
+            None, "--mpp", help="grid in um/px (default: the only one)"
+        ),
         folds: int | None = typer.Option(None, "--folds", help="patient-level CV folds"),
         epochs: int | None = typer.Option(None, "--epochs"),
         device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
@@ -37,17 +46,33 @@ def register(app: typer.Typer) -> None:
         from wsi_pipe.core.config import MilConfig, load_config
         from wsi_pipe.stages.train_mil import train_mil
 
-        cfg = run_guarded(load_config, MilConfig, config, method=method, features=features, mpp=mpp,
-                          n_folds=folds, epochs=epochs, device=device, seed=seed)
+        cfg = run_guarded(
+            load_config,
+            MilConfig,
+            config,
+            method=method,
+            features=features,
+            mpp=mpp,
+            n_folds=folds,
+            epochs=epochs,
+            device=device,
+            seed=seed,
+        )
         run_dir = resolve_run_dir(run_dir)
         res = run_guarded(train_mil, run_dir, manifest, cfg, name=name, overwrite=overwrite)
-        t = Table(title=f"{cfg.method}: {res.n_slides} slides, {res.n_folds} fold(s), classes {res.classes}")
+        t = Table(
+            title=f"{cfg.method}: {res.n_slides} slides, {res.n_folds} fold(s), classes {res.classes}"
+        )
         for col in ("metric", "fold mean ± sd", "pooled", "95% CI"):
             t.add_column(col, justify="right" if col != "metric" else "left")
         for k, s in res.summary.items():
             p = res.pooled[k]
-            t.add_row(k, f"{s['mean']:.3f} ± {s['std']:.3f}", f"{p['value']:.3f}",
-                      f"{p['ci_low']:.3f}-{p['ci_high']:.3f}")
+            t.add_row(
+                k,
+                f"{s['mean']:.3f} ± {s['std']:.3f}",
+                f"{p['value']:.3f}",
+                f"{p['ci_low']:.3f}-{p['ci_high']:.3f}",
+            )
         console.print(t)
         console.print(f"outputs: {res.out_dir} ({res.seconds:.0f} s)")
 
@@ -57,7 +82,9 @@ def register(app: typer.Typer) -> None:
             None, help="run folder with the new slides' feature stores (default: the current run)"
         ),
         model: Path = typer.Option(..., "--model", help="a train-mil output folder (RUN/mil/NAME)"),
-        slides: list[str] = typer.Option(..., "--slides", help="slide ids (repeat) or one manifest CSV"),
+        slides: list[str] = typer.Option(
+            ..., "--slides", help="slide ids (repeat) or one manifest CSV"
+        ),
         out: Path | None = typer.Option(None, "--out", help="predictions CSV path"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     ) -> None:
@@ -77,7 +104,9 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(8, "--top-k", min=0, help="most attended tiles saved as images"),
         max_px: int = typer.Option(2048, "--max-px", min=64, help="longest side of the heatmap"),
         alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="colour map opacity"),
-        slide_path: str | None = typer.Option(None, "--slide-path", help="slide file (one --slide only)"),
+        slide_path: str | None = typer.Option(
+            None, "--slide-path", help="slide file (one --slide only)"
+        ),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     ) -> None:
         """Draw a model's attention over slide thumbnails and export the top-k tiles."""
@@ -88,8 +117,19 @@ def register(app: typer.Typer) -> None:
             fail("--slide-path works with a single --slide")
         run_dir = resolve_run_dir(run_dir)
         for sid in slide:
-            res = run_guarded(heatmap, run_dir, model, sid, top_k=top_k, max_px=max_px, alpha=alpha,
-                              slide_path=slide_path, device=device)
+            res = run_guarded(
+                heatmap,
+                run_dir,
+                model,
+                sid,
+                top_k=top_k,
+                max_px=max_px,
+                alpha=alpha,
+                slide_path=slide_path,
+                device=device,
+            )
             pred = max(res.probabilities, key=res.probabilities.__getitem__)
-            console.print(f"{sid}: predicted {pred} ({res.probabilities[pred]:.3f}); heatmap {res.png}; "
-                          f"{len(res.top_tiles)} top tiles in {res.png.parent / (sid + '_top')}")
+            console.print(
+                f"{sid}: predicted {pred} ({res.probabilities[pred]:.3f}); heatmap {res.png}; "
+                f"{len(res.top_tiles)} top tiles in {res.png.parent / (sid + '_top')}"
+            )

@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
         if images is not None:
             r = run_guarded(pretrain_images, images, cfg, out, resume=resume)
         else:
+            assert run_dir is not None  # resolved above when --images is not given
             target = out or RunLayout(run_dir).encoder_checkpoint
             r = run_guarded(pretrain, run_dir, cfg, target, resume=resume)
         console.print(

@@ -48,20 +48,31 @@ class SegmentConfig(FrozenModel):
     )
     median_blur_um: float = Field(56.0, ge=0, description="median filter width in um")
     close_um: float = Field(32.0, ge=0, description="morphological close kernel in um")
-    min_tissue_area_mm2: float = Field(0.01, ge=0, description="drop tissue pieces smaller than this")
+    min_tissue_area_mm2: float = Field(
+        0.01, ge=0, description="drop tissue pieces smaller than this"
+    )
     min_hole_area_mm2: float = Field(
         0.004, ge=0, description="holes larger than this are kept as background"
     )
     max_n_holes: int = Field(50, ge=0, description="largest holes kept per tissue piece")
-    remove_pen: bool = Field(True, description="remove red/green/blue pen marks before thresholding")
+    remove_pen: bool = Field(
+        True, description="remove red/green/blue pen marks before thresholding"
+    )
     max_brightness: int = Field(
-        235, ge=0, le=255, description="pixels brighter than this (HSV value, low sat) are background"
+        235,
+        ge=0,
+        le=255,
+        description="pixels brighter than this (HSV value, low sat) are background",
     )
     max_otsu_saturation: int = Field(
-        30, ge=0, le=255,
+        30,
+        ge=0,
+        le=255,
         description="ceiling of the Otsu threshold, so pale tissue survives beside dark tissue",
     )
-    pen_dilate_um: float = Field(16.0, ge=0, description="grow detected pen ink by this (faint edges)")
+    pen_dilate_um: float = Field(
+        16.0, ge=0, description="grow detected pen ink by this (faint edges)"
+    )
 
 
 class TileConfig(FrozenModel):
@@ -100,7 +111,9 @@ class PretrainConfig(FrozenModel):
     arch: str = "ssmamba_s"
     input_px: int = Field(224, ge=16, description="encoder input side in px")
     epochs: int = Field(10, ge=1)
-    steps_per_epoch: int | None = Field(None, ge=1, description="None = one pass over sampled tiles")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="None = one pass over sampled tiles"
+    )
     max_tiles: int = Field(100_000, ge=1, description="tiles sampled from all slides and mpps")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1.5e-4, gt=0)
@@ -150,8 +163,12 @@ class FinetuneConfig(FrozenModel):
 class ExtractConfig(FrozenModel):
     """`wsi-pipe extract`: encoder inference at stored coordinates into feature stores."""
 
-    encoder: str = Field(..., description="ssmamba.pt checkpoint, or a registered architecture name")
-    weights: str | None = Field(None, description="local weights file for a registered architecture")
+    encoder: str = Field(
+        ..., description="ssmamba.pt checkpoint, or a registered architecture name"
+    )
+    weights: str | None = Field(
+        None, description="local weights file for a registered architecture"
+    )
     mpps: tuple[float, ...] | None = Field(None, description="which grids of the run; None = all")
     device: Device = "auto"
     batch_size: int = Field(64, ge=1)
@@ -165,7 +182,9 @@ class ExtractConfig(FrozenModel):
         None, description="feature set name; None = checkpoint file stem or architecture name"
     )
     threads: int | None = Field(
-        None, ge=1, description="torch threads of the main process; None = on CPU the cores the workers leave"
+        None,
+        ge=1,
+        description="torch threads of the main process; None = on CPU the cores the workers leave",
     )
 
 
@@ -188,7 +207,9 @@ class MilConfig(FrozenModel):
     class_weighting: bool = True
     n_stages: int = Field(3, ge=1, description="msm: number of masked stages")
     mask_rule: Literal["topk", "mass"] = "topk"
-    mask_k: float = Field(0.1, gt=0, description="msm: fraction (<1) or count (>=1) masked per stage")
+    mask_k: float = Field(
+        0.1, gt=0, description="msm: fraction (<1) or count (>=1) masked per stage"
+    )
     mask_mass: float = Field(0.5, gt=0, lt=1, description="msm: attention mass masked per stage")
     n_layers: int = Field(2, ge=1, description="mamba: layers")
     tile_order: Literal["store", "hilbert", "circular_hilbert"] = "store"
@@ -236,14 +257,17 @@ def load_config(model: type[M], path: str | Path | None = None, **overrides: Any
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}"
+            )
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return model.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in e.errors()
         )
         raise ConfigError(f"invalid {model.__name__} from {where}: {problems}") from None
 

@@ -61,8 +61,12 @@ def parent_rows(
     if len(child_coords) == 0:
         return np.zeros(0, np.int64)
     centre = child_coords.astype(np.float64) + child_size_l0 / 2.0
-    col = np.clip(np.floor(centre[:, 0] / parent_stride_l0), 0, parent_grid_shape[0] - 1).astype(np.int64)
-    row = np.clip(np.floor(centre[:, 1] / parent_stride_l0), 0, parent_grid_shape[1] - 1).astype(np.int64)
+    col = np.clip(np.floor(centre[:, 0] / parent_stride_l0), 0, parent_grid_shape[0] - 1).astype(
+        np.int64
+    )
+    row = np.clip(np.floor(centre[:, 1] / parent_stride_l0), 0, parent_grid_shape[1] - 1).astype(
+        np.int64
+    )
     key_child = row * parent_grid_shape[0] + col
     out = np.full(len(child_coords), -1, np.int64)
     if len(parent_coords) == 0:
@@ -79,7 +83,9 @@ def parent_rows(
 
 
 def parent_keys_needed(
-    child_coords: np.ndarray, child_size_l0: float, parent_stride_l0: float,
+    child_coords: np.ndarray,
+    child_size_l0: float,
+    parent_stride_l0: float,
     parent_grid_shape: tuple[int, int],
 ) -> np.ndarray:
     """Coarse-grid starts (m, 2) int64 of the tiles that hold the centres of `child_coords`."""

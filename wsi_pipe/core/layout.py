@@ -1,22 +1,22 @@
 """`RunLayout`: every artifact path of a run folder. Nothing else builds paths.
 
-    RUN_DIR/
-      config/<stage>.yaml              resolved config of each stage (hash in the first line)
-      slides.json                      the run's slide table (id, path, mpp, backend, patient, label)
-      tiles/mpp<M>/<slide>.h5|.zarr    coordinate store of one grid (CLAM/TRIDENT-readable)
-      tissue/<slide>.geojson           tissue polygons, level-0 px (QuPath opens them)
-      qc/<slide>.png                   thumbnail with tissue, holes and kept tiles drawn
-      features/<set>/mpp<M>/<slide>.h5|.zarr   feature stores (same rows as coords)
-      features/<set>/clam/{h5_files,pt_files}/ optional CLAM-layout export
-      models/                          encoders (ssmamba.pt) and MIL runs
-      mil/<name>/                      splits, fold checkpoints, metrics, predictions
-      heatmaps/<name>/                 attention heatmaps and top-k tiles
-      anomaly/<name>/                  anomaly model (model.pt + config), per-tile score stores,
-                                       heatmaps, top-k tiles, slide_scores.csv, metrics.json
-      report.html, report_files/       the run report (`wsi-pipe report`) and its images
-      state/<stage>/<slide>.json       per-slide state: status, attempts, error, timings
-      locks/<stage>/<slide>.lock       per-slide lock (host, pid, time)
-      slurm/                           rendered sbatch scripts and their logs
+RUN_DIR/
+  config/<stage>.yaml              resolved config of each stage (hash in the first line)
+  slides.json                      the run's slide table (id, path, mpp, backend, patient, label)
+  tiles/mpp<M>/<slide>.h5|.zarr    coordinate store of one grid (CLAM/TRIDENT-readable)
+  tissue/<slide>.geojson           tissue polygons, level-0 px (QuPath opens them)
+  qc/<slide>.png                   thumbnail with tissue, holes and kept tiles drawn
+  features/<set>/mpp<M>/<slide>.h5|.zarr   feature stores (same rows as coords)
+  features/<set>/clam/{h5_files,pt_files}/ optional CLAM-layout export
+  models/                          encoders (ssmamba.pt) and MIL runs
+  mil/<name>/                      splits, fold checkpoints, metrics, predictions
+  heatmaps/<name>/                 attention heatmaps and top-k tiles
+  anomaly/<name>/                  anomaly model (model.pt + config), per-tile score stores,
+                                   heatmaps, top-k tiles, slide_scores.csv, metrics.json
+  report.html, report_files/       the run report (`wsi-pipe report`) and its images
+  state/<stage>/<slide>.json       per-slide state: status, attempts, error, timings
+  locks/<stage>/<slide>.lock       per-slide lock (host, pid, time)
+  slurm/                           rendered sbatch scripts and their logs
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ class RunLayout:
         d = self.root / "tiles"
         if not d.exists():
             return []
-        return sorted(parse_mpp_tag(p.name) for p in d.iterdir() if p.is_dir() and p.name.startswith("mpp"))
+        return sorted(
+            parse_mpp_tag(p.name) for p in d.iterdir() if p.is_dir() and p.name.startswith("mpp")
+        )
 
     def tissue_geojson(self, slide_id: str) -> Path:
         return self.root / "tissue" / f"{slide_id}.geojson"

@@ -24,8 +24,19 @@ from wsi_pipe.core.errors import ConfigError, EmptyInputError
 
 #: File name endings treated as slides when scanning folders (longest first matters for .ome.tif).
 SLIDE_EXTENSIONS = (
-    ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn",
-    ".mrxs", ".bif", ".svslide", ".dcm",
+    ".ome.tiff",
+    ".ome.tif",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".bif",
+    ".svslide",
+    ".dcm",
 )
 MANIFEST_COLUMNS = ("slide_id", "path", "patient_id", "label", "mpp")
 
@@ -83,7 +94,9 @@ def discover(inputs: list[str | Path]) -> list[SlideEntry]:
             sid = p.parent.name if p.name.lower().endswith(".dcm") else slide_stem(p)
             entries.append(SlideEntry(sid, str(p.resolve()), sid))
         else:
-            raise ConfigError(f"input {raw} does not exist: give slide files, folders or a manifest CSV")
+            raise ConfigError(
+                f"input {raw} does not exist: give slide files, folders or a manifest CSV"
+            )
     if not entries:
         raise EmptyInputError(
             f"no slides found in {', '.join(map(str, inputs))} "
@@ -138,7 +151,9 @@ def read_manifest(path: str | Path, require_labels: bool = False) -> list[SlideE
             try:
                 mpp = float(row["mpp"])
             except ValueError:
-                raise ConfigError(f"manifest {path} row {i} ({sid}): mpp {row['mpp']!r} is not a number") from None
+                raise ConfigError(
+                    f"manifest {path} row {i} ({sid}): mpp {row['mpp']!r} is not a number"
+                ) from None
             if not math.isfinite(mpp) or mpp <= 0:
                 raise ConfigError(f"manifest {path} row {i} ({sid}): mpp must be > 0, got {mpp}")
         label = row.get("label") or None
@@ -146,7 +161,9 @@ def read_manifest(path: str | Path, require_labels: bool = False) -> list[SlideE
             raise ConfigError(f"manifest {path} row {i} ({sid}): empty label")
         extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS}
         out.append(
-            SlideEntry(sid, str(sp) if raw_path else "", row.get("patient_id") or sid, label, mpp, extra)
+            SlideEntry(
+                sid, str(sp) if raw_path else "", row.get("patient_id") or sid, label, mpp, extra
+            )
         )
     if not out:
         raise EmptyInputError(f"manifest {path} has a header but no rows")
@@ -161,7 +178,13 @@ def write_manifest(path: str | Path, entries: list[SlideEntry]) -> None:
     extra_cols = sorted({k for e in entries for k in e.extra})
     lines = [",".join(MANIFEST_COLUMNS + tuple(extra_cols))]
     for e in entries:
-        vals = [e.slide_id, e.path, e.patient_id, e.label or "", "" if e.mpp is None else repr(e.mpp)]
+        vals = [
+            e.slide_id,
+            e.path,
+            e.patient_id,
+            e.label or "",
+            "" if e.mpp is None else repr(e.mpp),
+        ]
         vals += [e.extra.get(k, "") for k in extra_cols]
         lines.append(",".join(vals))
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -182,5 +205,7 @@ def load_slide_table(path: str | Path) -> list[SlideEntry]:
 
     p = Path(path)
     if not p.exists():
-        raise EmptyInputError(f"{p} does not exist: run `wsi-pipe tile SLIDES --out {p.parent}` first")
+        raise EmptyInputError(
+            f"{p} does not exist: run `wsi-pipe tile SLIDES --out {p.parent}` first"
+        )
     return [SlideEntry(**d) for d in read_json(p)]

@@ -218,8 +218,8 @@ def optical_density(
     (h, w, 3) with `per_channel`."""
     ref = np.asarray(background, np.float32) + 1.0
     ratio = (rgb.astype(np.float32) + 1.0) / ref
-    od = np.clip(-np.log10(np.clip(ratio, 1e-4, None)), 0.0, None)
-    return od if per_channel else od.sum(axis=-1)
+    od: np.ndarray = np.clip(-np.log10(np.clip(ratio, 1e-4, None)), 0.0, None)
+    return od if per_channel else np.asarray(od.sum(axis=-1))
 
 
 def neutral_dark(od_rgb: np.ndarray) -> np.ndarray:
@@ -229,7 +229,8 @@ def neutral_dark(od_rgb: np.ndarray) -> np.ndarray:
     selectively (H&E, haematoxylin, DAB: spread 8-30 % of the sum)."""
     total = od_rgb.sum(axis=-1)
     spread = od_rgb.max(axis=-1) - od_rgb.min(axis=-1)
-    return (total > NEUTRAL_MIN_OD) & (spread < NEUTRAL_MAX_SPREAD * total)
+    dark: np.ndarray = (total > NEUTRAL_MIN_OD) & (spread < NEUTRAL_MAX_SPREAD * total)
+    return dark
 
 
 def od_threshold(
@@ -421,7 +422,8 @@ def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
-    return keep[labels]
+    kept: np.ndarray = keep[labels]
+    return kept
 
 
 def _pixel_area(contour: np.ndarray) -> float:

@@ -1,8 +1,8 @@
 """Slide-level multiple instance learning: aggregators (a registry), data, splits, training.
 
-    from wsi_pipe.mil import create_aggregator, list_aggregators
-    agg = create_aggregator("msm", in_dim=768, n_classes=2, n_stages=3)
-    logits, attention = agg(features)     # (n_tiles, 768) -> (2,), (n_tiles,)
+from wsi_pipe.mil import create_aggregator, list_aggregators
+agg = create_aggregator("msm", in_dim=768, n_classes=2, n_stages=3)
+logits, attention = agg(features)     # (n_tiles, 768) -> (2,), (n_tiles,)
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from wsi_pipe.mil.registry import (
 )
 
 __all__ = [
-    "Aggregator", "AggregatorSpec", "MilOutput", "create_aggregator", "get_spec",
-    "list_aggregators", "register_aggregator",
+    "Aggregator",
+    "AggregatorSpec",
+    "MilOutput",
+    "create_aggregator",
+    "get_spec",
+    "list_aggregators",
+    "register_aggregator",
 ]

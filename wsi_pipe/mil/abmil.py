@@ -1,10 +1,10 @@
 """Gated attention MIL (Ilse, Tomczak & Welling, ICML 2018).
 
-    h_i = MLP(x_i)                                    instance embeddings (n, hidden)
-    a_i = w^T (tanh(V h_i) * sigmoid(U h_i))          gated attention scores
-    alpha = softmax_i(a)                              over the bag
-    z = sum_i alpha_i h_i                             bag embedding
-    logits = classifier(z)
+h_i = MLP(x_i)                                    instance embeddings (n, hidden)
+a_i = w^T (tanh(V h_i) * sigmoid(U h_i))          gated attention scores
+alpha = softmax_i(a)                              over the bag
+z = sum_i alpha_i h_i                             bag embedding
+logits = classifier(z)
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def proj_widths(hidden_dim: int, n_layers: int, taper: bool) -> list[int]:
     return [hidden_dim * 2 ** (n_layers - 1 - i) for i in range(n_layers)]
 
 
-def instance_mlp(in_dim: int, hidden_dim: int, n_layers: int, dropout: float,
-                 taper: bool = False) -> nn.Sequential:
+def instance_mlp(
+    in_dim: int, hidden_dim: int, n_layers: int, dropout: float, taper: bool = False
+) -> nn.Sequential:
     """`n_layers` of Linear -> ReLU -> Dropout from `in_dim`, ending `hidden_dim` wide."""
     layers: list[nn.Module] = []
     d = in_dim
@@ -63,7 +64,10 @@ class ABMIL(Aggregator):
         super().__init__(in_dim, n_classes)
         attn_dim = attn_dim or max(1, hidden_dim // 2)
         self.init_kwargs = dict(
-            hidden_dim=hidden_dim, attn_dim=attn_dim, n_proj_layers=n_proj_layers, taper=taper,
+            hidden_dim=hidden_dim,
+            attn_dim=attn_dim,
+            n_proj_layers=n_proj_layers,
+            taper=taper,
             dropout=dropout,
         )
         self.proj = instance_mlp(in_dim, hidden_dim, n_proj_layers, dropout, taper)

@@ -27,12 +27,18 @@ class MeanPool(Aggregator):
     """
 
     def __init__(
-        self, in_dim: int, n_classes: int, hidden_dim: int = 256, n_proj_layers: int = 1,
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden_dim: int = 256,
+        n_proj_layers: int = 1,
         taper: bool = False,
         dropout: float = 0.25,
     ) -> None:
         super().__init__(in_dim, n_classes)
-        self.init_kwargs = dict(hidden_dim=hidden_dim, n_proj_layers=n_proj_layers, taper=taper, dropout=dropout)
+        self.init_kwargs = dict(
+            hidden_dim=hidden_dim, n_proj_layers=n_proj_layers, taper=taper, dropout=dropout
+        )
         self.proj = instance_mlp(in_dim, hidden_dim, n_proj_layers, dropout, taper)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
@@ -61,12 +67,18 @@ class MaxPool(Aggregator):
     """
 
     def __init__(
-        self, in_dim: int, n_classes: int, hidden_dim: int = 256, n_proj_layers: int = 1,
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden_dim: int = 256,
+        n_proj_layers: int = 1,
         taper: bool = False,
         dropout: float = 0.25,
     ) -> None:
         super().__init__(in_dim, n_classes)
-        self.init_kwargs = dict(hidden_dim=hidden_dim, n_proj_layers=n_proj_layers, taper=taper, dropout=dropout)
+        self.init_kwargs = dict(
+            hidden_dim=hidden_dim, n_proj_layers=n_proj_layers, taper=taper, dropout=dropout
+        )
         self.proj = instance_mlp(in_dim, hidden_dim, n_proj_layers, dropout, taper)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 

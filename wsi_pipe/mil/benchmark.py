@@ -61,8 +61,14 @@ def benchmark_settings(method: str) -> CVSettings:
     if method == "msm":
         kw.update(n_stages=2, mask_rule="topk", mask_k=1)
     if method == "mamba":
-        kw = {"hidden_dim": 64, "dropout": 0.5, "n_layers": 1, "d_state": 8, "expand": 1,
-              "reorder_stride": 2}
+        kw = {
+            "hidden_dim": 64,
+            "dropout": 0.5,
+            "n_layers": 1,
+            "d_state": 8,
+            "expand": 1,
+            "reorder_stride": 2,
+        }
         # ~30x the step cost of the others on CPU (two scans per step): one repeat by default
         return CVSettings(agg_kwargs=kw, repeats=1)
     return CVSettings(agg_kwargs=kw)
@@ -84,7 +90,9 @@ class FoldResult:
         return accuracy(np.array(self.y), np.array(self.prob))
 
 
-def _run_fold(job: tuple[str, dict[str, Any], list[Bag], int, int, list[str], list[str], list[str]]) -> FoldResult:
+def _run_fold(
+    job: tuple[str, dict[str, Any], list[Bag], int, int, list[str], list[str], list[str]],
+) -> FoldResult:
     import torch
 
     from wsi_pipe.mil.registry import create_aggregator
@@ -105,13 +113,27 @@ def _run_fold(job: tuple[str, dict[str, Any], list[Bag], int, int, list[str], li
         if s.standardize:
             model.set_standardization(*feature_stats(train))
         params = TrainParams(
-            epochs=s.epochs, patience=s.patience, lr=s.lr, weight_decay=s.weight_decay,
-            max_bag_train=None, class_weighting=False, monitor=s.monitor, seed=seed,
+            epochs=s.epochs,
+            patience=s.patience,
+            lr=s.lr,
+            weight_decay=s.weight_decay,
+            max_bag_train=None,
+            class_weighting=False,
+            monitor=s.monitor,
+            seed=seed,
         )
         res = fit(model, train, val, params, torch.device("cpu"))
         prob, _ = predict_bags(model, test, torch.device("cpu"))
-    return FoldResult(repeat, fold, list(test_ids), [b.label for b in test], prob.tolist(),
-                      res.best_epoch, len(res.history), time.perf_counter() - t0)
+    return FoldResult(
+        repeat,
+        fold,
+        list(test_ids),
+        [b.label for b in test],
+        prob.tolist(),
+        res.best_epoch,
+        len(res.history),
+        time.perf_counter() - t0,
+    )
 
 
 def _init_worker() -> None:
@@ -133,9 +155,22 @@ def cross_validate(
     labels = [b.label for b in bags]
     jobs = []
     for r in range(settings.repeats):
-        folds = make_splits(ids, ids, labels, settings.n_folds, settings.val_fraction, seed=settings.seed + r)
+        folds = make_splits(
+            ids, ids, labels, settings.n_folds, settings.val_fraction, seed=settings.seed + r
+        )
         for k, f in enumerate(folds):
-            jobs.append((method, asdict(settings), list(bags), r, k, list(f.train), list(f.val), list(f.test)))
+            jobs.append(
+                (
+                    method,
+                    asdict(settings),
+                    list(bags),
+                    r,
+                    k,
+                    list(f.train),
+                    list(f.val),
+                    list(f.test),
+                )
+            )
     t0 = time.perf_counter()
     if workers > 1:
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:

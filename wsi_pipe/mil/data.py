@@ -67,7 +67,9 @@ def encode_labels(labels: Sequence[str]) -> list[str]:
         return sorted(uniq)
 
 
-def resolve_feature_source(layout: RunLayout, features: str | None, mpp: float | None) -> tuple[str, float]:
+def resolve_feature_source(
+    layout: RunLayout, features: str | None, mpp: float | None
+) -> tuple[str, float]:
     """The feature set and grid mpp to train on: the given ones, or the only ones in the run."""
     sets = layout.feature_sets()
     if features is None:
@@ -83,7 +85,9 @@ def resolve_feature_source(layout: RunLayout, features: str | None, mpp: float |
             "`wsi-pipe extract` or fix --features"
         )
     fdir = layout.feature_set_dir(features)
-    mpps = sorted(parse_mpp_tag(p.name) for p in fdir.iterdir() if p.is_dir() and p.name.startswith("mpp"))
+    mpps = sorted(
+        parse_mpp_tag(p.name) for p in fdir.iterdir() if p.is_dir() and p.name.startswith("mpp")
+    )
     if mpp is None:
         if len(mpps) != 1:
             raise ConfigError(
@@ -114,7 +118,9 @@ def bags_from_entries(
     if require_labels:
         unlabeled = [e.slide_id for e in entries if not e.label]
         if unlabeled:
-            raise ConfigError(f"slides without a label: {_few(unlabeled)}: fill the manifest's label column")
+            raise ConfigError(
+                f"slides without a label: {_few(unlabeled)}: fill the manifest's label column"
+            )
         labels = [str(e.label) for e in entries]
         if classes is None:
             classes = encode_labels(labels)
@@ -147,9 +153,16 @@ def bags_from_entries(
         dims.setdefault(int(d), []).append(e.slide_id)
         label = classes.index(str(e.label)) if (e.label and str(e.label) in classes) else -1
         bags.append(
-            Bag(e.slide_id, label, e.patient_id, int(n), int(d), store_path=p,
+            Bag(
+                e.slide_id,
+                label,
+                e.patient_id,
+                int(n),
+                int(d),
+                store_path=p,
                 tile_size_l0=int(tile_l0) if tile_l0 else None,
-                slide_path=e.path or (str(slide_path) if slide_path else None))
+                slide_path=e.path or (str(slide_path) if slide_path else None),
+            )
         )
     if missing:
         raise ConfigError(
@@ -163,7 +176,9 @@ def bags_from_entries(
         )
     if len(dims) > 1:
         detail = "; ".join(f"dim {d}: {_few(s)}" for d, s in dims.items())
-        raise StoreSchemaError(f"feature stores of {feature_set!r} have different widths ({detail})")
+        raise StoreSchemaError(
+            f"feature stores of {feature_set!r} have different widths ({detail})"
+        )
     return bags, classes
 
 
@@ -183,7 +198,9 @@ def load_benchmark_csv(path: str | Path) -> list[Bag]:
 
     df = pd.read_csv(path, header=None)
     if df.shape[1] < 3:
-        raise ConfigError(f"{path}: expected label, bag id and >= 1 feature column, got {df.shape[1]}")
+        raise ConfigError(
+            f"{path}: expected label, bag id and >= 1 feature column, got {df.shape[1]}"
+        )
     labels = df.iloc[:, 0].to_numpy()
     ids = df.iloc[:, 1].to_numpy()
     feats = df.iloc[:, 2:].to_numpy(dtype=np.float32)
@@ -198,8 +215,16 @@ def load_benchmark_csv(path: str | Path) -> list[Bag]:
         if len(lab) != 1:
             raise ConfigError(f"{path}: bag {ids[s]} has mixed labels {lab.tolist()}")
         bid = str(ids[s])
-        bags.append(Bag(bid, classes.index(str(lab[0])), bid, int(e - s), feats.shape[1],
-                        features=feats[s:e]))
+        bags.append(
+            Bag(
+                bid,
+                classes.index(str(lab[0])),
+                bid,
+                int(e - s),
+                feats.shape[1],
+                features=feats[s:e],
+            )
+        )
     return bags
 
 
@@ -236,7 +261,17 @@ def synthetic_bags(
         side = int(np.ceil(np.sqrt(n))) + 2
         cells = rng.choice(side * side, n, replace=False)
         coords = np.stack([cells % side, cells // side], 1).astype(np.int64) * grid_px
-        bags.append(Bag(f"bag{i:04d}", label, f"p{i:04d}", n, dim, features=x, coords=coords,
-                        tile_size_l0=grid_px))
+        bags.append(
+            Bag(
+                f"bag{i:04d}",
+                label,
+                f"p{i:04d}",
+                n,
+                dim,
+                features=x,
+                coords=coords,
+                tile_size_l0=grid_px,
+            )
+        )
         keys.append(key)
     return bags, keys

@@ -31,8 +31,9 @@ from wsi_pipe.nn.mamba import Mamba
 class SRMambaLayer(nn.Module):
     """Pre-norm residual layer with a forward scan and a strided-reordered scan: (n, d) -> (n, d)."""
 
-    def __init__(self, dim: int, d_state: int, expand: int, stride: int, scan_backend: str,
-                 dropout: float) -> None:
+    def __init__(
+        self, dim: int, d_state: int, expand: int, stride: int, scan_backend: str, dropout: float
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fwd = Mamba(dim, d_state=d_state, expand=expand, scan_backend=scan_backend)
@@ -101,9 +102,16 @@ class MambaMIL(Aggregator):
             raise ConfigError("mamba: n_layers and reorder_stride must be >= 1")
         attn_dim = attn_dim or max(1, hidden_dim // 2)
         self.init_kwargs = dict(
-            hidden_dim=hidden_dim, n_layers=n_layers, d_state=d_state, expand=expand,
-            reorder_stride=reorder_stride, tile_order=tile_order, scan_backend=scan_backend,
-            dropout=dropout, attn_dim=attn_dim, checkpoint_tiles=checkpoint_tiles,
+            hidden_dim=hidden_dim,
+            n_layers=n_layers,
+            d_state=d_state,
+            expand=expand,
+            reorder_stride=reorder_stride,
+            tile_order=tile_order,
+            scan_backend=scan_backend,
+            dropout=dropout,
+            attn_dim=attn_dim,
+            checkpoint_tiles=checkpoint_tiles,
         )
         self.tile_order = tile_order
         self.checkpoint_tiles = checkpoint_tiles
@@ -124,13 +132,17 @@ class MambaMIL(Aggregator):
         order = None
         if self.tile_order != "store":
             if coords is None:
-                raise ValueError(f"mamba with tile_order={self.tile_order!r} needs the tiles' coords")
+                raise ValueError(
+                    f"mamba with tile_order={self.tile_order!r} needs the tiles' coords"
+                )
             perm = tile_order(coords.detach().cpu().numpy(), self.tile_order)
             assert perm is not None
             order = torch.from_numpy(np.ascontiguousarray(perm)).to(x.device)
             x = x[order]
         h = self.proj(x)
-        use_ckpt = self.checkpoint_tiles > 0 and n >= self.checkpoint_tiles and torch.is_grad_enabled()
+        use_ckpt = (
+            self.checkpoint_tiles > 0 and n >= self.checkpoint_tiles and torch.is_grad_enabled()
+        )
         for layer in self.layers:
             h = layer(h, checkpointed=use_ckpt)
         h = self.norm(h)

@@ -54,7 +54,12 @@ def stage_mask_count(
         # fewest instances whose attention reaches mask_mass
         sorted_alpha = torch.sort(alpha[keep], descending=True).values
         cum = torch.cumsum(sorted_alpha, 0)
-        want = int(torch.searchsorted(cum, torch.tensor(mask_mass, dtype=cum.dtype, device=cum.device))) + 1
+        want = (
+            int(
+                torch.searchsorted(cum, torch.tensor(mask_mass, dtype=cum.dtype, device=cum.device))
+            )
+            + 1
+        )
     return max(1, min(want, remaining - 1))
 
 
@@ -92,12 +97,20 @@ class MSMMIL(Aggregator):
         if mask_rule not in ("topk", "mass"):
             raise ConfigError(f"msm: mask_rule must be 'topk' or 'mass', got {mask_rule!r}")
         if mask_k <= 0 or not 0 < mask_mass < 1:
-            raise ConfigError(f"msm: need mask_k > 0 and 0 < mask_mass < 1, got {mask_k}, {mask_mass}")
+            raise ConfigError(
+                f"msm: need mask_k > 0 and 0 < mask_mass < 1, got {mask_k}, {mask_mass}"
+            )
         attn_dim = attn_dim or max(1, hidden_dim // 2)
         self.init_kwargs = dict(
-            hidden_dim=hidden_dim, attn_dim=attn_dim, n_proj_layers=n_proj_layers, taper=taper,
+            hidden_dim=hidden_dim,
+            attn_dim=attn_dim,
+            n_proj_layers=n_proj_layers,
+            taper=taper,
             dropout=dropout,
-            n_stages=n_stages, mask_rule=mask_rule, mask_k=mask_k, mask_mass=mask_mass,
+            n_stages=n_stages,
+            mask_rule=mask_rule,
+            mask_k=mask_k,
+            mask_mass=mask_mass,
         )
         self.n_stages = n_stages
         self.mask_rule = mask_rule

@@ -171,9 +171,13 @@ def circular_hilbert_order(coords: np.ndarray, step_l0: float | None = None) -> 
     right, bottom = w - 1 - ring, h - 1 - ring
     rw, rh = right - left, bottom - top
     pos = np.where(
-        row == top, col - left,
-        np.where(col == right, rw + (row - top),
-                 np.where(row == bottom, rw + rh + (right - col), 2 * rw + rh + (bottom - row))),
+        row == top,
+        col - left,
+        np.where(
+            col == right,
+            rw + (row - top),
+            np.where(row == bottom, rw + rh + (right - col), 2 * rw + rh + (bottom - row)),
+        ),
     )
     # centre: Hilbert over the cells inside the rings, in local coordinates
     cx0 = cy0 = n_rings
@@ -184,8 +188,9 @@ def circular_hilbert_order(coords: np.ndarray, step_l0: float | None = None) -> 
     return np.lexsort((key, group)).astype(np.int64)
 
 
-def tile_order(coords: np.ndarray | None, how: str, step_l0: float | None = None
-               ) -> np.ndarray | None:
+def tile_order(
+    coords: np.ndarray | None, how: str, step_l0: float | None = None
+) -> np.ndarray | None:
     """Permutation for order `how` (one of TILE_ORDERS); None for "store" or when coords is None.
 
     step_l0: grid stride in level-0 px as stored (`stride_from_attrs`); None infers it.

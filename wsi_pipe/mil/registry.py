@@ -42,12 +42,16 @@ class Aggregator(nn.Module):
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
         if in_dim < 1 or n_classes < 2:
-            raise ConfigError(f"aggregator needs in_dim >= 1 and n_classes >= 2, got {in_dim}, {n_classes}")
+            raise ConfigError(
+                f"aggregator needs in_dim >= 1 and n_classes >= 2, got {in_dim}, {n_classes}"
+            )
         self.in_dim = int(in_dim)
         self.n_classes = int(n_classes)
         self.init_kwargs: dict[str, Any] = {}
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:  # pragma: no cover
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None
+    ) -> MilOutput:  # pragma: no cover
         raise NotImplementedError
 
     @staticmethod
@@ -90,8 +94,12 @@ def register_aggregator(
             raise ValueError(f"aggregator {name!r} is already registered ({_REGISTRY[name].cls})")
         cls.name = name
         _REGISTRY[name] = AggregatorSpec(
-            name, cls, description or (cls.__doc__ or "").strip().split("\n")[0], dict(tiny or {}),
-            permutation_invariant, uses_coords,
+            name,
+            cls,
+            description or (cls.__doc__ or "").strip().split("\n")[0],
+            dict(tiny or {}),
+            permutation_invariant,
+            uses_coords,
         )
         return cls
 

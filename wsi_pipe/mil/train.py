@@ -29,8 +29,6 @@ CHECKPOINT_FORMAT = "wsi-pipe-mil"
 CHECKPOINT_VERSION = 1
 
 
-
-
 class MilModel(nn.Module):
     """Standardise features ((x - mean) / std, per feature), then aggregate one bag."""
 
@@ -109,12 +107,17 @@ def _to_tensors(
     x: np.ndarray, c: np.ndarray | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    ct = torch.from_numpy(np.ascontiguousarray(c, dtype=np.int64)).to(device) if c is not None else None
+    ct = (
+        torch.from_numpy(np.ascontiguousarray(c, dtype=np.int64)).to(device)
+        if c is not None
+        else None
+    )
     return xt, ct
 
 
-def evaluate_loss(model: MilModel, bags: Sequence[Bag], device: torch.device,
-                  weight: torch.Tensor | None) -> tuple[float, float]:
+def evaluate_loss(
+    model: MilModel, bags: Sequence[Bag], device: torch.device, weight: torch.Tensor | None
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) over `bags` with full bags, in eval mode."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(weight=weight)
@@ -149,10 +152,15 @@ def fit(
     n_classes = model.aggregator.n_classes
     rng = np.random.default_rng(params.seed)
     model.to(device)
-    weight = class_weights([b.label for b in train], n_classes).to(device) if params.class_weighting else None
+    weight = (
+        class_weights([b.label for b in train], n_classes).to(device)
+        if params.class_weighting
+        else None
+    )
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.Adam(model.parameters(), lr=params.lr, betas=params.betas,
-                           weight_decay=params.weight_decay)
+    opt = torch.optim.Adam(
+        model.parameters(), lr=params.lr, betas=params.betas, weight_decay=params.weight_decay
+    )
     best_state: dict[str, torch.Tensor] | None = None
     best_loss, best_epoch, stale = math.inf, -1, 0
     history: list[dict[str, float]] = []
@@ -230,7 +238,9 @@ def save_checkpoint(path: str | Path, model: MilModel, meta: dict[str, Any] | No
         torch.save(blob, tmp)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[MilModel, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[MilModel, dict[str, Any]]:
     """Rebuild a MilModel saved by `save_checkpoint`; returns (model in eval mode, meta)."""
     path = Path(path)
     try:
@@ -238,16 +248,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist: train a model first") from None
     except Exception as e:  # truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a wsi-pipe MIL checkpoint")
     if int(blob.get("version", -1)) != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {blob.get('version')}, expected {CHECKPOINT_VERSION}")
-    agg = create_aggregator(blob["method"], blob["in_dim"], blob["n_classes"], **blob["init_kwargs"])
+        raise CheckpointError(
+            f"{path} has checkpoint version {blob.get('version')}, expected {CHECKPOINT_VERSION}"
+        )
+    agg = create_aggregator(
+        blob["method"], blob["in_dim"], blob["n_classes"], **blob["init_kwargs"]
+    )
     model = MilModel(agg)
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the {blob['method']} model ({e})") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the {blob['method']} model ({e})"
+        ) from None
     model.to(device).eval()
     return model, blob["meta"]

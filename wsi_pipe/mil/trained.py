@@ -38,8 +38,10 @@ def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> T
     model_dir = paths.root
     info_path = paths.model_json
     if not info_path.exists():
-        raise CheckpointError(f"{model_dir} is not a train-mil output (no {info_path.name}): give --model "
-                              "the folder `wsi-pipe train-mil` wrote under RUN_DIR/mil/")
+        raise CheckpointError(
+            f"{model_dir} is not a train-mil output (no {info_path.name}): give --model "
+            "the folder `wsi-pipe train-mil` wrote under RUN_DIR/mil/"
+        )
     info = read_json(info_path)
     ckpts = paths.fold_models()
     if not ckpts:
@@ -48,13 +50,16 @@ def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> T
     return TrainedMil(model_dir, info, models)
 
 
-def ensemble_predict(trained: TrainedMil, bags: Sequence[Bag], device: torch.device,
-                     with_attention: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+def ensemble_predict(
+    trained: TrainedMil, bags: Sequence[Bag], device: torch.device, with_attention: bool = False
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Mean class probabilities (n_bags, n_classes) over the fold models; mean attention per bag."""
     probs, atts = [], []
     for m in trained.models:
         p, a = predict_bags(m, bags, device, with_attention)
         probs.append(p)
         atts.append(a)
-    mean_att = [np.mean([a[i] for a in atts], axis=0) for i in range(len(bags))] if with_attention else []
+    mean_att = (
+        [np.mean([a[i] for a in atts], axis=0) for i in range(len(bags))] if with_attention else []
+    )
     return np.mean(probs, axis=0), mean_att

@@ -38,7 +38,7 @@ _STEPS = 64
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel() -> Any:  # noqa: ANN401 - a numba dispatcher
+def _kernel() -> Any:
     """Compile (or load from numba's cache) the scan kernel; raises ImportError without numba."""
     import numba
     import numpy as np
@@ -46,10 +46,10 @@ def _kernel() -> Any:  # noqa: ANN401 - a numba dispatcher
     from numba.extending import intrinsic
 
     @intrinsic
-    def _i32_as_f32(typingctx, i):  # noqa: ANN001, ANN202, ARG001
+    def _i32_as_f32(typingctx, i):
         sig = types.float32(types.int32)
 
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], context.get_value_type(types.float32))
 
         return sig, codegen
@@ -57,7 +57,7 @@ def _kernel() -> Any:  # noqa: ANN401 - a numba dispatcher
     f32 = np.float32
 
     @numba.njit(inline="always", fastmath=True, error_model="numpy")
-    def exp_f32(x):  # noqa: ANN001, ANN202
+    def exp_f32(x):
         # exp(x) = 2^k * exp(r), r = x - k ln2 in [-ln2/2, ln2/2]; 2^k built from its bits
         xc = max(min(x, f32(88.0)), f32(-87.0))
         kf = np.floor(xc * f32(1.4426950408889634) + f32(0.5))
@@ -74,7 +74,7 @@ def _kernel() -> Any:  # noqa: ANN401 - a numba dispatcher
         return y if x > f32(-87.0) else f32(0.0)
 
     @numba.njit(inline="always", fastmath=True, error_model="numpy")
-    def log1p_small(y):  # noqa: ANN001, ANN202
+    def log1p_small(y):
         # log(1 + y) for y in [0, 1]: 2 atanh(s), s = y / (2 + y) in [0, 1/3]; odd series to s^15
         s = y / (f32(2.0) + y)
         s2 = s * s
@@ -92,7 +92,7 @@ def _kernel() -> Any:  # noqa: ANN401 - a numba dispatcher
     steps = _STEPS
 
     @numba.njit(parallel=True, fastmath=True, boundscheck=False, error_model="numpy", cache=True)
-    def scan(u, delta, At, Bm, Cm, Dv, bias, z, has_z, softplus, out):  # noqa: ANN001, ANN202
+    def scan(u, delta, At, Bm, Cm, Dv, bias, z, has_z, softplus, out):
         """u, delta, z, out: (b, d, l); At: (n, d); Bm, Cm: (b, g, n, l); Dv, bias: (d,).
 
         All C-contiguous float32; out is written in place.
@@ -170,7 +170,7 @@ def _kernel() -> Any:  # noqa: ANN401 - a numba dispatcher
                         out[bi, c0 + j, t0 + s] = yl[s, j]
 
     @numba.njit(parallel=True, fastmath=True, boundscheck=False, error_model="numpy", cache=True)
-    def cross_scan(x, delta, At, xdbl, r, Dv, bias, height, width, out):  # noqa: ANN001, ANN202
+    def cross_scan(x, delta, At, xdbl, r, Dv, bias, height, width, out):
         """Four-direction scan of a (height, width) grid, summed back onto the grid.
 
         x: (b, e, L) row-major grid; out: (b, L, e) (channels last); delta: (b, 4, e, L); At: (n, 4 e); xdbl:

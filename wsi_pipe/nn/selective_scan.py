@@ -259,7 +259,7 @@ class _ChunkedScan(torch.autograd.Function):
             return _ChunkedScan._forward(ctx, du, dt, A3, Bl, Cl, T)
 
     @staticmethod
-    def _forward(ctx, du, dt, A3, Bl, Cl, T):  # noqa: ANN001, ANN205
+    def _forward(ctx, du, dt, A3, Bl, Cl, T):
         length = du.shape[0]
         h = du.new_zeros(*du.shape[1:], A3.shape[-1])
         y = du.new_empty(du.shape)
@@ -282,7 +282,7 @@ class _ChunkedScan(torch.autograd.Function):
             return _ChunkedScan._backward(ctx, dy.float())
 
     @staticmethod
-    def _backward(ctx, dy):  # noqa: ANN001, ANN205
+    def _backward(ctx, dy):
         du, dt, A3, Bl, Cl, boundaries = ctx.saved_tensors
         T = ctx.T
         length = du.shape[0]

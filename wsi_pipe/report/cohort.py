@@ -60,7 +60,7 @@ def cohort(ctx: Ctx) -> str | None:
         except Exception as err:
             ctx.notes.append(f"could not read {ctx.rel(layout.slides_table)}: {err}")
     ids = [e.slide_id for e in entries]
-    qc_dir = layout.qc_png("x").parent
+    qc_dir = layout.qc_dir
     extra = set(tile_states) | (
         {p.stem for p in qc_dir.glob("*.png")} if qc_dir.is_dir() else set()
     )

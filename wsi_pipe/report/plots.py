@@ -29,7 +29,7 @@ FOLD_COLOURS = (
 POOLED_COLOUR = "#24162b"
 
 
-def _plt():  # noqa: ANN202 - matplotlib's pyplot module
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -38,7 +38,7 @@ def _plt():  # noqa: ANN202 - matplotlib's pyplot module
     return plt
 
 
-def fig_png(fig, dpi: int = 110) -> bytes:  # noqa: ANN001 - a matplotlib Figure
+def fig_png(fig, dpi: int = 110) -> bytes:
     """PNG bytes of `fig` (closed afterwards)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
@@ -98,7 +98,7 @@ def bootstrap_band(
     s: np.ndarray,
     curve,
     n_boot: int,
-    seed: int,  # noqa: ANN001
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """2.5 / 97.5 percentile band of `curve(y, s)` over slide resamples (None if < 10 valid)."""
     if n_boot <= 0 or len(y) < 2:

@@ -17,6 +17,17 @@ from wsi_pipe.runner.loop import (
 )
 
 __all__ = [
-    "BUSY", "DONE", "FAILED", "PENDING", "RUNNING", "SKIPPED", "RunSummary", "SlideResult",
-    "read_state", "run_slides", "shard_from_env", "shard_items", "stage_status",
+    "BUSY",
+    "DONE",
+    "FAILED",
+    "PENDING",
+    "RUNNING",
+    "SKIPPED",
+    "RunSummary",
+    "SlideResult",
+    "read_state",
+    "run_slides",
+    "shard_from_env",
+    "shard_items",
+    "stage_status",
 ]

@@ -24,7 +24,14 @@ from wsi_pipe.core.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, SKIPPED, BUSY, RUNNING, PENDING = "done", "failed", "skipped", "busy", "running", "pending"
+DONE, FAILED, SKIPPED, BUSY, RUNNING, PENDING = (
+    "done",
+    "failed",
+    "skipped",
+    "busy",
+    "running",
+    "pending",
+)
 
 
 class HasSlideId(Protocol):
@@ -121,9 +128,14 @@ def _process_one(
             return SlideResult(sid, SKIPPED)
         prev = read_state(layout, stage, sid)
         state: dict[str, Any] = {
-            "slide_id": sid, "stage": stage, "status": RUNNING,
-            "attempts": int(prev.get("attempts", 0)) + 1, "host": socket.gethostname(),
-            "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"), "started": time.time(),
+            "slide_id": sid,
+            "stage": stage,
+            "status": RUNNING,
+            "attempts": int(prev.get("attempts", 0)) + 1,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job": os.environ.get("SLURM_JOB_ID"),
+            "started": time.time(),
         }
         _record(layout, stage, sid, state)
         t0 = time.perf_counter()
@@ -133,8 +145,13 @@ def _process_one(
             secs = time.perf_counter() - t0
             msg = f"{type(e).__name__}: {e}"
             log.error("[%s] %s failed: %s", stage, sid, msg)
-            state.update(status=FAILED, error=msg, seconds=secs, finished=time.time(),
-                         traceback=traceback.format_exc(limit=8))
+            state.update(
+                status=FAILED,
+                error=msg,
+                seconds=secs,
+                finished=time.time(),
+                traceback=traceback.format_exc(limit=8),
+            )
             _record(layout, stage, sid, state)
             return SlideResult(sid, FAILED, secs, error=msg)
         secs = time.perf_counter() - t0
@@ -174,7 +191,9 @@ def run_slides(
     todo = shard_items(items, shard)
     t0 = time.perf_counter()
     results: list[SlideResult] = []
-    bar = tqdm(total=len(todo), desc=f"{stage}", unit="slide", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(todo), desc=f"{stage}", unit="slide", disable=not progress, dynamic_ncols=True
+    )
     args = (process, is_done, layout, overwrite, stale_lock_s)
     try:
         if workers <= 1 or len(todo) <= 1:
@@ -204,14 +223,23 @@ def run_slides(
     results.sort(key=lambda r: r.slide_id)
     summary = RunSummary(stage, results, time.perf_counter() - t0)
     log.info(
-        "[%s] %d done, %d skipped, %d failed, %d busy in %.1f s", stage, summary.count(DONE),
-        summary.count(SKIPPED), summary.count(FAILED), summary.count(BUSY), summary.seconds,
+        "[%s] %d done, %d skipped, %d failed, %d busy in %.1f s",
+        stage,
+        summary.count(DONE),
+        summary.count(SKIPPED),
+        summary.count(FAILED),
+        summary.count(BUSY),
+        summary.seconds,
     )
     return summary
 
 
-def stage_status(layout: RunLayout, stage: str, slide_ids: Sequence[str],
-                 is_done: Callable[[str], bool] | None = None) -> dict[str, list[str]]:
+def stage_status(
+    layout: RunLayout,
+    stage: str,
+    slide_ids: Sequence[str],
+    is_done: Callable[[str], bool] | None = None,
+) -> dict[str, list[str]]:
     """Slides of a stage grouped as done / failed / running / pending (from state files and locks)."""
     groups: dict[str, list[str]] = {DONE: [], FAILED: [], RUNNING: [], PENDING: []}
     for sid in sorted(slide_ids):

@@ -36,10 +36,19 @@ log = logging.getLogger(__name__)
 EXIT_SLIDES_FAILED = 1
 
 #: Slurm job states after which a job (or array task) will not run again
-FINISHED_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-    "BOOT_FAIL", "DEADLINE",
-})
+FINISHED_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "OUT_OF_MEMORY",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+    }
+)
 
 
 #: the line of every rendered script that sets the task's OpenMP threads from its Slurm CPUs
@@ -95,8 +104,14 @@ def python_command(argv: Sequence[str], python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "wsi_pipe.cli.app", *argv]
 
 
-def render_script(spec: JobSpec, layout: RunLayout, *, python: str | None = None,
-                  workdir: str | Path | None = None, stamp: str | None = None) -> str:
+def render_script(
+    spec: JobSpec,
+    layout: RunLayout,
+    *,
+    python: str | None = None,
+    workdir: str | Path | None = None,
+    stamp: str | None = None,
+) -> str:
     """The sbatch script (bash) of `spec`: header comments, #SBATCH lines, the command.
 
     Log files go to `layout.slurm_dir`. `workdir` (default: the current directory) is where the
@@ -129,9 +144,15 @@ def render_script(spec: JobSpec, layout: RunLayout, *, python: str | None = None
     if is_array:
         throttle = f"%{spec.max_parallel}" if spec.max_parallel else ""
         lines.append(f"#SBATCH --array=0-{int(spec.array_size or 1) - 1}{throttle}")
-    for flag, value in (("partition", res.partition), ("gres", res.gres),
-                        ("cpus-per-task", res.cpus), ("mem", res.mem), ("time", res.time),
-                        ("account", res.account), ("qos", res.qos)):
+    for flag, value in (
+        ("partition", res.partition),
+        ("gres", res.gres),
+        ("cpus-per-task", res.cpus),
+        ("mem", res.mem),
+        ("time", res.time),
+        ("account", res.account),
+        ("qos", res.qos),
+    ):
         if value is not None and value != "":
             lines.append(f"#SBATCH --{flag}={value}")
     lines += [f"#SBATCH {opt}" for opt in res.extra]
@@ -157,7 +178,7 @@ def render_script(spec: JobSpec, layout: RunLayout, *, python: str | None = None
         lines += [
             f"# exit code {EXIT_SLIDES_FAILED}: some slides failed and are recorded in state/; let "
             "dependent jobs run on the rest",
-            f"if [ \"$rc\" -eq {EXIT_SLIDES_FAILED} ]; then exit 0; fi",
+            f'if [ "$rc" -eq {EXIT_SLIDES_FAILED} ]; then exit 0; fi',
         ]
     lines.append('exit "$rc"')
     return "\n".join(lines) + "\n"
@@ -234,22 +255,29 @@ class SubmittedJob:
     submitted: float
 
 
-def submit(spec: JobSpec, layout: RunLayout, after_ok: Iterable[str] = (), **render_kw: Any
-           ) -> SubmittedJob:
+def submit(
+    spec: JobSpec, layout: RunLayout, after_ok: Iterable[str] = (), **render_kw: Any
+) -> SubmittedJob:
     """Render, save and submit one stage; record the job in the run folder."""
     script = write_script(spec, layout, **render_kw)
     deps = tuple(str(j) for j in after_ok)
     job_id = submit_script(script, deps)
-    job = SubmittedJob(job_id, spec.stage, str(script), spec.array_size, deps, tuple(spec.argv),
-                       time.time())
+    job = SubmittedJob(
+        job_id, spec.stage, str(script), spec.array_size, deps, tuple(spec.argv), time.time()
+    )
     atomic_write_json(layout.slurm_job_record(job_id), asdict(job))
-    log.debug("submitted %s as job %s (%s)", spec.stage, job_id,
-              f"array of {spec.array_size}" if spec.array_size else "single job")
+    log.debug(
+        "submitted %s as job %s (%s)",
+        spec.stage,
+        job_id,
+        f"array of {spec.array_size}" if spec.array_size else "single job",
+    )
     return job
 
 
-def submit_chain(specs: Sequence[JobSpec], layout: RunLayout, after_ok: Iterable[str] = (),
-                 **render_kw: Any) -> list[SubmittedJob]:
+def submit_chain(
+    specs: Sequence[JobSpec], layout: RunLayout, after_ok: Iterable[str] = (), **render_kw: Any
+) -> list[SubmittedJob]:
     """Submit stages in order, each waiting (afterok) for the whole previous job or array."""
     jobs: list[SubmittedJob] = []
     prev = tuple(str(j) for j in after_ok)
@@ -362,8 +390,9 @@ def active_jobs(job_ids: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
     return active
 
 
-def wait_for(job_ids: Iterable[str], timeout_s: float = 3600.0, poll_s: float = 0.5
-             ) -> dict[str, list[TaskState]]:
+def wait_for(
+    job_ids: Iterable[str], timeout_s: float = 3600.0, poll_s: float = 0.5
+) -> dict[str, list[TaskState]]:
     """Poll `squeue` until every job has left the queue; return each job's task states.
 
     A job pending on a dependency that can never be satisfied (an upstream task failed) counts
@@ -373,11 +402,16 @@ def wait_for(job_ids: Iterable[str], timeout_s: float = 3600.0, poll_s: float = 
     deadline = time.monotonic() + timeout_s
     while True:
         active = active_jobs(ids)
-        waiting = {j: v for j, v in active.items()
-                   if not all(reason == "DependencyNeverSatisfied" for _, reason in v)}
+        waiting = {
+            j: v
+            for j, v in active.items()
+            if not all(reason == "DependencyNeverSatisfied" for _, reason in v)
+        }
         if not waiting:
             break
         if time.monotonic() > deadline:
-            raise SlurmError(f"jobs {', '.join(sorted(waiting))} still queued after {timeout_s:.0f} s")
+            raise SlurmError(
+                f"jobs {', '.join(sorted(waiting))} still queued after {timeout_s:.0f} s"
+            )
         time.sleep(poll_s)
     return {j: job_states(j) for j in ids}

@@ -49,6 +49,7 @@ from wsi_pipe.core.fsutil import (
 )
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry, load_slide_table, read_manifest
+from wsi_pipe.imageops.tiles import encode_png, resize_tile
 from wsi_pipe.store import create_store, open_store, schema
 from wsi_pipe.torchutil import resolve_device
 
@@ -448,13 +449,6 @@ def render_anomaly_heatmap(
     return np.concatenate([out, np.full((out.shape[0], 8, 3), 255, np.uint8), bar], axis=1)
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def _draw_outputs(job: ScoreJob, grid: SlideGrid, values: np.ndarray) -> dict[str, Any]:
     """Top-k tile PNGs and the heatmap PNG. Without a readable slide file the heatmap is drawn on
     a white canvas and no tiles are saved (recorded in the returned info)."""
@@ -492,8 +486,8 @@ def _draw_outputs(job: ScoreJob, grid: SlideGrid, values: np.ndarray) -> dict[st
                 x, y = int(grid.coords[i, 0]), int(grid.coords[i, 1])
                 tile = reader.read_region((x, y), level, (size_lvl, size_lvl))
                 if tile.shape[0] > out_px:
-                    tile = cv2.resize(tile, (out_px, out_px), interpolation=cv2.INTER_AREA)
-                atomic_write_bytes(top_dir / f"rank{r:02d}_x{x}_y{y}.png", _png(tile))
+                    tile = resize_tile(tile, out_px)
+                atomic_write_bytes(top_dir / f"rank{r:02d}_x{x}_y{y}.png", encode_png(tile))
         else:
             info["thumbnail"] = "blank"
             w0 = int(grid.attrs.get("level0_width") or grid.coords[:, 0].max() + grid.tile_size_l0)
@@ -504,7 +498,7 @@ def _draw_outputs(job: ScoreJob, grid: SlideGrid, values: np.ndarray) -> dict[st
         img = render_anomaly_heatmap(
             thumb, grid, values, (int(dims[0]), int(dims[1])), cfg.heatmap_vmax
         )
-        atomic_write_bytes(heat, _png(img))
+        atomic_write_bytes(heat, encode_png(img))
     finally:
         if reader is not None:
             reader.close()

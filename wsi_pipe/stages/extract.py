@@ -83,10 +83,6 @@ class EncoderBundle:
     channels_last: bool = False
 
 
-
-
-
-
 def _is_checkpoint_path(text: str) -> bool:
     p = Path(text)
     return p.suffix.lower() in CHECKPOINT_SUFFIXES or p.exists() or os.sep in text
@@ -97,17 +93,24 @@ def _uses_cnn(model: nn.Module) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
 
 
-def encoder_bundle(model: nn.Module, spec: Any, weights_hash: str, source: str,
-                   device: torch.device) -> EncoderBundle:
+def encoder_bundle(
+    model: nn.Module, spec: Any, weights_hash: str, source: str, device: torch.device
+) -> EncoderBundle:
     """Wrap a model and its spec (`name, input_px, mean, std, embed_dim`) for extraction."""
     model = model.eval().requires_grad_(False).to(device)
     cl = _uses_cnn(model)
     if cl:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return EncoderBundle(
-        model=model, name=str(spec.name), input_px=int(spec.input_px),
-        mean=tuple(float(v) for v in spec.mean), std=tuple(float(v) for v in spec.std),  # type: ignore[arg-type]
-        embed_dim=int(spec.embed_dim), weights_hash=weights_hash, source=source, channels_last=cl,
+        model=model,
+        name=str(spec.name),
+        input_px=int(spec.input_px),
+        mean=tuple(float(v) for v in spec.mean),
+        std=tuple(float(v) for v in spec.std),  # type: ignore[arg-type]
+        embed_dim=int(spec.embed_dim),
+        weights_hash=weights_hash,
+        source=source,
+        channels_last=cl,
     )
 
 
@@ -126,7 +129,9 @@ def load_extract_encoder(cfg: ExtractConfig, device: torch.device) -> EncoderBun
                 "`wsi-pipe pretrain`/`finetune`, or a registered architecture with --weights FILE"
             )
         if cfg.weights is not None:
-            raise ConfigError(f"--weights is for a registered architecture; {path} is already a checkpoint")
+            raise ConfigError(
+                f"--weights is for a registered architecture; {path} is already a checkpoint"
+            )
         try:
             model, spec = load_encoder(str(path), device=str(device), scan_backend=cfg.scan_backend)
         except WsiPipeError:
@@ -152,10 +157,13 @@ def load_extract_encoder(cfg: ExtractConfig, device: torch.device) -> EncoderBun
         )
     wpath = Path(cfg.weights)
     if not wpath.is_file():
-        raise CheckpointError(f"weights file {wpath} for encoder {src!r} does not exist: give a local file")
+        raise CheckpointError(
+            f"weights file {wpath} for encoder {src!r} does not exist: give a local file"
+        )
     try:
-        model, spec = load_encoder(src, weights=str(wpath), device=str(device),
-                                   scan_backend=cfg.scan_backend)
+        model, spec = load_encoder(
+            src, weights=str(wpath), device=str(device), scan_backend=cfg.scan_backend
+        )
     except WsiPipeError:
         raise
     except Exception as e:
@@ -217,7 +225,9 @@ def norm_params(enc: EncoderBundle, device: torch.device) -> tuple[torch.Tensor,
     """(shift, scale), each (1, 3, 1, 1) float32 on `device`, for `normalise`."""
     mean = torch.tensor(enc.mean, dtype=torch.float32)
     std = torch.tensor(enc.std, dtype=torch.float32)
-    return (mean / std).view(1, 3, 1, 1).to(device), (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
+    return (mean / std).view(1, 3, 1, 1).to(device), (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(
+        device
+    )
 
 
 def normalise(tiles: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -294,8 +304,12 @@ def embed_batches(
 def make_pool(cfg: ExtractConfig, device: torch.device, persistent: bool = True) -> TilePool:
     """The DataLoader workers of a run (`cfg.workers`, pinned batches on CUDA), kept across
     slides unless `persistent` is False."""
-    return TilePool(cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_FACTOR,
-                    persistent=persistent)
+    return TilePool(
+        cfg.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=PREFETCH_FACTOR,
+        persistent=persistent,
+    )
 
 
 @contextlib.contextmanager
@@ -319,7 +333,9 @@ def cpu_threads_for(cfg: ExtractConfig, device: torch.device) -> int | None:
         return cfg.threads
     if device.type != "cpu":
         return None
-    n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_cpu = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, n_cpu - cfg.workers)
 
 
@@ -341,8 +357,17 @@ class ExtractJob:
 
 def features_key(enc: EncoderBundle, cfg: ExtractConfig, coords_config_hash: str) -> str:
     """Hash of everything that changes the features of one store (not batch size or workers)."""
-    blob = json.dumps([enc.name, enc.weights_hash, enc.input_px, cfg.precision, cfg.feature_dtype,
-                       coords_config_hash, schema.SCHEMA_VERSION]).encode()
+    blob = json.dumps(
+        [
+            enc.name,
+            enc.weights_hash,
+            enc.input_px,
+            cfg.precision,
+            cfg.feature_dtype,
+            coords_config_hash,
+            schema.SCHEMA_VERSION,
+        ]
+    ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -391,7 +416,11 @@ def is_extracted(entry: SlideEntry, job: ExtractJob) -> bool:
     for mpp in job.mpps:
         key = _coords_key(job, entry.slide_id, mpp)
         outs = _outputs(job, entry.slide_id, mpp)
-        if key is None or not _store_is_current(outs[0], key) or not all(p.exists() for p in outs[1:]):
+        if (
+            key is None
+            or not _store_is_current(outs[0], key)
+            or not all(p.exists() for p in outs[1:])
+        ):
             return False
     return True
 
@@ -411,8 +440,12 @@ def _check_slide(entry: SlideEntry, path: str, attrs: dict[str, Any]) -> None:
     from wsi_pipe.readers import open_slide
 
     try:
-        with open_slide(path, backend=attrs.get("backend", "auto"),
-                        mpp_override=float(attrs["level0_mpp"]), slide_id=entry.slide_id) as reader:
+        with open_slide(
+            path,
+            backend=attrs.get("backend", "auto"),
+            mpp_override=float(attrs["level0_mpp"]),
+            slide_id=entry.slide_id,
+        ) as reader:
             dims = tuple(int(v) for v in reader.dimensions)
     except WsiPipeError:
         raise
@@ -462,8 +495,9 @@ def extract_slide(entry: SlideEntry, job: ExtractJob) -> dict[str, Any]:
             timings = None
         else:
             timings = _extract_grid(entry, job, mpp, attrs, arrays, arr_attrs, key, outs[0])
-        if job.cfg.clam_export and (job.overwrite or timings is not None
-                                    or not all(p.exists() for p in outs[1:])):
+        if job.cfg.clam_export and (
+            job.overwrite or timings is not None or not all(p.exists() for p in outs[1:])
+        ):
             _export_clam(outs[0], outs[1], outs[2])
         tag = f"{mpp:g}"
         info["tiles"][tag] = int(len(arrays[schema.COORDS]))
@@ -473,20 +507,37 @@ def extract_slide(entry: SlideEntry, job: ExtractJob) -> dict[str, Any]:
     return info
 
 
-def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[str, Any],
-                  arrays: dict[str, np.ndarray], arr_attrs: dict[str, dict[str, Any]], key: str,
-                  out: Path) -> EmbedTimings:
+def _extract_grid(
+    entry: SlideEntry,
+    job: ExtractJob,
+    mpp: float,
+    attrs: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    arr_attrs: dict[str, dict[str, Any]],
+    key: str,
+    out: Path,
+) -> EmbedTimings:
     cfg, enc = job.cfg, job.enc
     coords = arrays[schema.COORDS]
     n = int(len(coords))
     root = {k: v for k, v in attrs.items() if k not in _NOT_COPIED}
-    root.update({
-        "kind": schema.KIND_FEATURES, "encoder": enc.name, "encoder_source": enc.source,
-        "weights_hash": enc.weights_hash, "precision": cfg.precision, "feature_dtype": cfg.feature_dtype,
-        "embed_dim": enc.embed_dim, "input_px": enc.input_px, "feature_set": job.set_name,
-        "config_hash": cfg.config_hash(), "coords_config_hash": str(attrs.get("config_hash", "")),
-        "features_key": key, "extract_config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
-    })
+    root.update(
+        {
+            "kind": schema.KIND_FEATURES,
+            "encoder": enc.name,
+            "encoder_source": enc.source,
+            "weights_hash": enc.weights_hash,
+            "precision": cfg.precision,
+            "feature_dtype": cfg.feature_dtype,
+            "embed_dim": enc.embed_dim,
+            "input_px": enc.input_px,
+            "feature_set": job.set_name,
+            "config_hash": cfg.config_hash(),
+            "coords_config_hash": str(attrs.get("config_hash", "")),
+            "features_key": key,
+            "extract_config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+        }
+    )
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
     own_pool = job.pool is None
     pool = make_pool(cfg, job.device) if own_pool else job.pool
@@ -496,9 +547,14 @@ def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[st
             path = _slide_path(entry, attrs, job.layout)
             root["slide_path"] = path
             source = TileSource(
-                slide_id=entry.slide_id, slide_path=path, backend=str(attrs.get("backend", "auto")),
-                read_level=int(attrs["read_level"]), read_size_px=int(attrs["read_size_px"]),
-                out_px=enc.input_px, coords=coords, mpp_override=float(attrs["level0_mpp"]),
+                slide_id=entry.slide_id,
+                slide_path=path,
+                backend=str(attrs.get("backend", "auto")),
+                read_level=int(attrs["read_level"]),
+                read_size_px=int(attrs["read_size_px"]),
+                out_px=enc.input_px,
+                coords=coords,
+                mpp_override=float(attrs["level0_mpp"]),
             )
             # the workers open the slide and prefetch while this process checks it
             batches = pool.batches(source, cfg.batch_size)
@@ -513,15 +569,27 @@ def _extract_grid(entry: SlideEntry, job: ExtractJob, mpp: float, attrs: dict[st
             pool.close()
     log.info(
         "%s mpp %g: %d tiles in %.2f s (%.0f tiles/s); the model waited %.2f s (%.0f%%) for data",
-        entry.slide_id, mpp, n, timings.total_s, timings.tiles_per_s, timings.data_wait_s,
+        entry.slide_id,
+        mpp,
+        n,
+        timings.total_s,
+        timings.tiles_per_s,
+        timings.data_wait_s,
         100 * timings.wait_fraction,
     )
     return timings
 
 
-def _write_features(entry: SlideEntry, job: ExtractJob, out: Path, arrays: dict[str, np.ndarray],
-                    arr_attrs: dict[str, dict[str, Any]], root: dict[str, Any], n: int,
-                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None) -> EmbedTimings:
+def _write_features(
+    entry: SlideEntry,
+    job: ExtractJob,
+    out: Path,
+    arrays: dict[str, np.ndarray],
+    arr_attrs: dict[str, dict[str, Any]],
+    root: dict[str, Any],
+    n: int,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> EmbedTimings:
     """Stream the features of `batches` into a new store at `out` (atomic); returns the timings
     (empty when there are no batches: a slide without tiles)."""
     cfg, enc = job.cfg, job.enc
@@ -533,6 +601,7 @@ def _write_features(entry: SlideEntry, job: ExtractJob, out: Path, arrays: dict[
                 w.put(name, arrays[name], arr_attrs.get(name))
         w.create_array(schema.FEATURES, (n, enc.embed_dim), dtype)
         if batches is not None:
+
             def sink(rows: np.ndarray, feats: np.ndarray) -> None:
                 start = int(rows[0])
                 if not np.array_equal(rows, np.arange(start, start + len(rows))):
@@ -540,9 +609,13 @@ def _write_features(entry: SlideEntry, job: ExtractJob, out: Path, arrays: dict[
                 w.write(schema.FEATURES, start, feats.astype(dtype, copy=False))
 
             with torch_threads(cpu_threads_for(cfg, job.device)):
-                timings = embed_batches(enc, batches, sink, device=job.device, precision=cfg.precision)
+                timings = embed_batches(
+                    enc, batches, sink, device=job.device, precision=cfg.precision
+                )
             if timings.n_tiles != n:
-                raise RuntimeError(f"slide {entry.slide_id}: {timings.n_tiles} of {n} tiles embedded")
+                raise RuntimeError(
+                    f"slide {entry.slide_id}: {timings.n_tiles} of {n} tiles embedded"
+                )
         w.set_array_attrs(schema.FEATURES, {"encoder": enc.name, "embed_dim": enc.embed_dim})
         w.set_attrs(root)
     return timings
@@ -557,9 +630,12 @@ def _export_clam(store_path: Path, h5_path: Path, pt_path: Path) -> None:
         coords = r.read(schema.COORDS)
         attrs = r.attrs
         coords_attrs = r.array_attrs(schema.COORDS)
-    write_store(h5_path, {schema.FEATURES: feats, schema.COORDS: coords},
-                {k: v for k, v in attrs.items() if k != "schema_version"},
-                {schema.COORDS: coords_attrs})
+    write_store(
+        h5_path,
+        {schema.FEATURES: feats, schema.COORDS: coords},
+        {k: v for k, v in attrs.items() if k != "schema_version"},
+        {schema.COORDS: coords_attrs},
+    )
     with atomic_path(pt_path) as tmp:
         torch.save(torch.from_numpy(np.ascontiguousarray(feats)), tmp)
 
@@ -568,20 +644,29 @@ def _export_clam(store_path: Path, h5_path: Path, pt_path: Path) -> None:
 def _select_mpps(layout: RunLayout, wanted: tuple[float, ...] | None) -> tuple[float, ...]:
     have = layout.tile_mpps()
     if not have:
-        raise EmptyInputError(f"{layout.root} has no tiles/ grids: run `wsi-pipe tile ... --out {layout.root}` first")
+        raise EmptyInputError(
+            f"{layout.root} has no tiles/ grids: run `wsi-pipe tile ... --out {layout.root}` first"
+        )
     if wanted is None:
         return tuple(have)
     out = []
     for m in wanted:
         match = [h for h in have if math.isclose(h, m, rel_tol=1e-6, abs_tol=1e-9)]
         if not match:
-            raise ConfigError(f"--mpp {m:g} is not a grid of {layout.root} (it has {', '.join(f'{h:g}' for h in have)})")
+            raise ConfigError(
+                f"--mpp {m:g} is not a grid of {layout.root} (it has {', '.join(f'{h:g}' for h in have)})"
+            )
         out.append(match[0])
     return tuple(sorted(set(out)))
 
 
-def prepare_job(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = False,
-                encoder: EncoderBundle | None = None) -> ExtractJob:
+def prepare_job(
+    run_dir: str | Path,
+    cfg: ExtractConfig,
+    *,
+    overwrite: bool = False,
+    encoder: EncoderBundle | None = None,
+) -> ExtractJob:
     """Resolve grids, device and encoder; save the resolved config of this feature set
     (`RunLayout.extract_config`, one file per set, so extracting a second set keeps the first's)."""
     from wsi_pipe.core.config import dump_config
@@ -603,9 +688,16 @@ def prepare_job(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = Fa
     return ExtractJob(layout, cfg, set_name, mpps, encoder, device, overwrite)
 
 
-def run_extract(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = False,
-                shard: tuple[int, int] | None = None, progress: bool = True,
-                encoder: EncoderBundle | None = None, persistent_workers: bool = True) -> Any:
+def run_extract(
+    run_dir: str | Path,
+    cfg: ExtractConfig,
+    *,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    encoder: EncoderBundle | None = None,
+    persistent_workers: bool = True,
+) -> Any:
     """Extract features for every slide of the run (its slide table) at the chosen grids.
 
     `encoder` (optional) replaces the one named by `cfg` (benchmarks, tests of the loop).
@@ -621,12 +713,25 @@ def run_extract(run_dir: str | Path, cfg: ExtractConfig, *, overwrite: bool = Fa
 
     job = prepare_job(run_dir, cfg, overwrite=overwrite, encoder=encoder)
     entries = load_slide_table(job.layout.slides_table)
-    log.info("extract %s: %d slides, grids %s, %s on %s, %s", job.set_name, len(entries),
-             ", ".join(f"{m:g}" for m in job.mpps), job.enc.name, job.device, cfg.precision)
+    log.info(
+        "extract %s: %d slides, grids %s, %s on %s, %s",
+        job.set_name,
+        len(entries),
+        ", ".join(f"{m:g}" for m in job.mpps),
+        job.enc.name,
+        job.device,
+        cfg.precision,
+    )
     with make_pool(cfg, job.device, persistent=persistent_workers) as pool:
         job = replace(job, pool=pool)
         return run_slides(
-            f"extract/{job.set_name}", entries, partial(extract_slide, job=job), job.layout,
-            is_done=partial(is_extracted, job=job), workers=1, shard=shard, overwrite=overwrite,
+            f"extract/{job.set_name}",
+            entries,
+            partial(extract_slide, job=job),
+            job.layout,
+            is_done=partial(is_extracted, job=job),
+            workers=1,
+            shard=shard,
+            overwrite=overwrite,
             progress=progress,
         )

@@ -22,6 +22,7 @@ from wsi_pipe.core.errors import ConfigError, EmptyInputError
 from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_text
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry, load_slide_table
+from wsi_pipe.imageops.tiles import encode_png, resize_tile
 from wsi_pipe.mil.data import bags_from_entries
 from wsi_pipe.mil.ordering import infer_stride_l0
 
@@ -140,14 +141,6 @@ def add_colour_bar(
     return out
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    """PNG bytes of an RGB uint8 image."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def _slide_path(
     layout: RunLayout, slide_id: str, store_path_attr: str | None, override: str | None
 ) -> tuple[str, float | None, str]:
@@ -249,7 +242,7 @@ def heatmap(
             x, y = int(coords[i, 0]), int(coords[i, 1])
             tile = reader.read_region((x, y), level, (size_lvl, size_lvl))
             if tile.shape[0] > tile_out_px:
-                tile = cv2.resize(tile, (tile_out_px, tile_out_px), interpolation=cv2.INTER_AREA)
+                tile = resize_tile(tile, tile_out_px)
             p = layout.heatmap_top_tiles_dir(name, slide_id) / f"rank{r:02d}_x{x}_y{y}.png"
             atomic_write_bytes(p, encode_png(tile))
             tiles.append(p)

@@ -43,10 +43,13 @@ def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
     EmptyInputError naming the file and the key.
     """
     cfg = load_config(RunConfig, path, **overrides)
-    cfg = cfg.model_copy(update={
-        "slides": tuple(_abs(s) for s in cfg.slides), "out": _abs(cfg.out),
-        "manifest": _abs(cfg.manifest) if cfg.manifest else None,
-    })
+    cfg = cfg.model_copy(
+        update={
+            "slides": tuple(_abs(s) for s in cfg.slides),
+            "out": _abs(cfg.out),
+            "manifest": _abs(cfg.manifest) if cfg.manifest else None,
+        }
+    )
     check_run_config(cfg, where=str(path) if path else "command line")
     return cfg
 
@@ -81,7 +84,9 @@ def check_run_config(cfg: RunConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: `mil` needs an `extract` section (MIL trains on features)")
     if cfg.mil is not None:
         if cfg.manifest is None:
-            raise ConfigError(f"{where}: `mil` needs `manifest:` a CSV with slide_id, patient_id, label")
+            raise ConfigError(
+                f"{where}: `mil` needs `manifest:` a CSV with slide_id, patient_id, label"
+            )
         read_manifest(cfg.manifest, require_labels=True)
     elif cfg.manifest is not None:
         read_manifest(cfg.manifest)
@@ -122,8 +127,10 @@ class PipelineResult:
 
 def _slides_report(name: str, summary: Any, t0: float) -> StageReport:
     n_ok = summary.count("done") + summary.count("skipped")
-    details = (f"{summary.count('done')} done, {summary.count('skipped')} already done, "
-               f"{summary.n_failed} failed, {summary.count('busy')} busy elsewhere")
+    details = (
+        f"{summary.count('done')} done, {summary.count('skipped')} already done, "
+        f"{summary.n_failed} failed, {summary.count('busy')} busy elsewhere"
+    )
     if summary.n_failed:
         bad = [f"{r.slide_id}: {r.error}" for r in summary.results if r.status == "failed"]
         details += "; " + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
@@ -131,15 +138,23 @@ def _slides_report(name: str, summary: Any, t0: float) -> StageReport:
     return StageReport(name, status, time.perf_counter() - t0, details, summary)
 
 
-def run_pipeline(cfg: RunConfig, *, overwrite: bool = False, only: Sequence[str] | None = None,
-                 progress: bool = True, heatmap_slides: int = 4) -> PipelineResult:
+def run_pipeline(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    only: Sequence[str] | None = None,
+    progress: bool = True,
+    heatmap_slides: int = 4,
+) -> PipelineResult:
     """Run every configured stage of `cfg` in order (see module doc). Slide failures are
     recorded and the run goes on with the slides that worked; a stage that cannot run at all
     (no features, no labels) is reported failed and the later stages are skipped."""
     if only is not None:
         unknown = set(only) - set(STAGES)
         if unknown:
-            raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; known: {', '.join(STAGES)}")
+            raise ConfigError(
+                f"unknown stage(s) {', '.join(sorted(unknown))}; known: {', '.join(STAGES)}"
+            )
     want = set(only or STAGES)
     layout = RunLayout(cfg.out)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -156,8 +171,14 @@ def run_pipeline(cfg: RunConfig, *, overwrite: bool = False, only: Sequence[str]
         from wsi_pipe.stages.tile import run_tile
 
         t0 = time.perf_counter()
-        summary = run_tile(list(cfg.slides), layout.root, cfg.tile, workers=cfg.workers,
-                           overwrite=overwrite, progress=progress)
+        summary = run_tile(
+            list(cfg.slides),
+            layout.root,
+            cfg.tile,
+            workers=cfg.workers,
+            overwrite=overwrite,
+            progress=progress,
+        )
         rep = _slides_report("tile", summary, t0)
         result.stages.append(rep)
         result.outputs["tiles"] = layout.tiles_root
@@ -201,10 +222,18 @@ def run_pipeline(cfg: RunConfig, *, overwrite: bool = False, only: Sequence[str]
         res = train_mil(layout.root, cfg.manifest, mcfg, overwrite=overwrite)
         auroc = res.pooled.get("auroc", {}).get("value")
         bacc = res.pooled.get("balanced_accuracy", {}).get("value")
-        result.stages.append(StageReport(
-            "train-mil", "done", time.perf_counter() - t0,
-            f"{res.n_slides} slides, {res.n_folds} folds, pooled AUROC {auroc:.3f}, "
-            f"balanced accuracy {bacc:.3f}" if auroc is not None and bacc is not None else "", res))
+        result.stages.append(
+            StageReport(
+                "train-mil",
+                "done",
+                time.perf_counter() - t0,
+                f"{res.n_slides} slides, {res.n_folds} folds, pooled AUROC {auroc:.3f}, "
+                f"balanced accuracy {bacc:.3f}"
+                if auroc is not None and bacc is not None
+                else "",
+                res,
+            )
+        )
         result.outputs["MIL model"] = res.out_dir
         result.outputs["MIL metrics"] = MilRunPaths(res.out_dir).metrics
         result.outputs["MIL predictions"] = MilRunPaths(res.out_dir).predictions
@@ -230,8 +259,9 @@ def pretrained_is_current(path: Path, cfg: Any) -> bool:
         return False
 
 
-def _run_pretrain(layout: RunLayout, cfg: RunConfig, overwrite: bool, progress: bool
-                  ) -> tuple[Path, str]:
+def _run_pretrain(
+    layout: RunLayout, cfg: RunConfig, overwrite: bool, progress: bool
+) -> tuple[Path, str]:
     """Pretrain unless the run already holds an encoder made with this config; resumes from
     the training state a killed run left behind."""
     from wsi_pipe.stages.pretrain import pretrain
@@ -241,8 +271,10 @@ def _run_pretrain(layout: RunLayout, cfg: RunConfig, overwrite: bool, progress: 
     if not overwrite and pretrained_is_current(out, cfg.pretrain):
         return out, "already done"
     res = pretrain(layout.root, cfg.pretrain, out, resume=not overwrite, progress=progress)
-    return out, (f"{res['steps']} steps on {res['n_tiles']} tiles, loss {res['first_loss']:.3f} "
-                 f"-> {res['last_loss']:.3f}")
+    return out, (
+        f"{res['steps']} steps on {res['n_tiles']} tiles, loss {res['first_loss']:.3f} "
+        f"-> {res['last_loss']:.3f}"
+    )
 
 
 def _run_heatmaps(layout: RunLayout, model_dir: Path, n: int) -> tuple[StageReport, Path | None]:
@@ -274,7 +306,9 @@ def _run_heatmaps(layout: RunLayout, model_dir: Path, n: int) -> tuple[StageRepo
             log.error("heatmap of %s failed: %s: %s", sid, type(e).__name__, e)
             errors.append(f"{sid}: {type(e).__name__}: {e}")
     status = "failed" if errors else "done"
-    details = f"{len(done)} slides ({', '.join(done)})" + (f"; failed {'; '.join(errors)}" if errors else "")
+    details = f"{len(done)} slides ({', '.join(done)})" + (
+        f"; failed {'; '.join(errors)}" if errors else ""
+    )
     return StageReport("heatmap", status, 0.0, details), out_dir
 
 
@@ -290,8 +324,12 @@ class PlannedStage:
     array_size: int | None = None
 
 
-def slurm_plan(cfg: RunConfig, array_size: int | None = None, cpus_per_task: int | None = None,
-               max_array: int = 100) -> list[PlannedStage]:
+def slurm_plan(
+    cfg: RunConfig,
+    array_size: int | None = None,
+    cpus_per_task: int | None = None,
+    max_array: int = 100,
+) -> list[PlannedStage]:
     """The stages of `cfg` as Slurm jobs: tile and extract as arrays, the rest single jobs.
 
     Writes each stage's config to `RunLayout.slurm_stage_config(stage)` (the jobs read it).
@@ -312,24 +350,55 @@ def slurm_plan(cfg: RunConfig, array_size: int | None = None, cpus_per_task: int
         return str(p)
 
     root = str(layout.root)
-    plan = [PlannedStage("tile", ("tile", *cfg.slides, "--out", root, "--config", save("tile", cfg.tile)),
-                         True, False, n)]
+    plan = [
+        PlannedStage(
+            "tile",
+            ("tile", *cfg.slides, "--out", root, "--config", save("tile", cfg.tile)),
+            True,
+            False,
+            n,
+        )
+    ]
     if cfg.pretrain is not None:
         # --resume: a requeued or resubmitted job continues from the last training state
-        plan.append(PlannedStage("pretrain", ("pretrain", root, "--config",
-                                              save("pretrain", cfg.pretrain), "--resume"),
-                                 False, True))
+        plan.append(
+            PlannedStage(
+                "pretrain",
+                ("pretrain", root, "--config", save("pretrain", cfg.pretrain), "--resume"),
+                False,
+                True,
+            )
+        )
     if cfg.extract is not None:
-        ecfg = cfg.extract.model_copy(update={
-            "encoder": _encoder_source(cfg), "threads": cfg.extract.threads or cpus_per_task or 1})
-        plan.append(PlannedStage("extract", ("extract", root, "--config", save("extract", ecfg)),
-                                 True, True, n))
+        ecfg = cfg.extract.model_copy(
+            update={
+                "encoder": _encoder_source(cfg),
+                "threads": cfg.extract.threads or cpus_per_task or 1,
+            }
+        )
+        plan.append(
+            PlannedStage(
+                "extract", ("extract", root, "--config", save("extract", ecfg)), True, True, n
+            )
+        )
     if cfg.mil is not None:
-
         mcfg = _mil_config(cfg)
         assert cfg.manifest is not None
-        plan.append(PlannedStage("train-mil", ("train-mil", root, "--manifest", cfg.manifest,
-                                               "--config", save("train-mil", mcfg)), False, True))
+        plan.append(
+            PlannedStage(
+                "train-mil",
+                (
+                    "train-mil",
+                    root,
+                    "--manifest",
+                    cfg.manifest,
+                    "--config",
+                    save("train-mil", mcfg),
+                ),
+                False,
+                True,
+            )
+        )
     return plan
 
 
@@ -372,13 +441,18 @@ def collect_status(run_dir: str | Path) -> RunStatus:
     failures: dict[str, list[tuple[str, str]]] = {}
     for stage in _stage_names(layout):
         ids = set(all_ids or [])
-        for d, suffix in ((layout.state_dir(stage), ".json"),
-                          (layout.lock_dir(stage), ".lock")):
+        for d, suffix in ((layout.state_dir(stage), ".json"), (layout.lock_dir(stage), ".lock")):
             if d.is_dir():
-                ids |= {p.name[: -len(suffix)] for p in d.glob(f"*{suffix}") if not p.name.startswith(".")}
+                ids |= {
+                    p.name[: -len(suffix)]
+                    for p in d.glob(f"*{suffix}")
+                    if not p.name.startswith(".")
+                }
         groups = stage_status(layout, stage, sorted(ids))
         stages[stage] = groups
-        failures[stage] = [(sid, str(read_state(layout, stage, sid).get("error"))) for sid in groups["failed"]]
+        failures[stage] = [
+            (sid, str(read_state(layout, stage, sid).get("error"))) for sid in groups["failed"]
+        ]
     artifacts: dict[str, Path] = {}
     ckpt = layout.encoder_checkpoint
     if ckpt.exists():
@@ -406,7 +480,10 @@ def slurm_job_summary(run_dir: str | Path) -> list[str]:
         try:
             states = sl.job_states(j.job_id)
             counts = Counter(t.state for t in states)
-            live = ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) or "no longer known to Slurm"
+            live = (
+                ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
+                or "no longer known to Slurm"
+            )
         except sl.SlurmError:
             live = "Slurm not reachable"
         lines.append(f"slurm job {j.job_id} {j.stage} ({size}): {live}")

@@ -31,6 +31,7 @@ from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_json, remove_t
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry
 from wsi_pipe.imageops.contours import to_geojson
+from wsi_pipe.imageops.tiles import encode_png
 from wsi_pipe.imageops.tissue import box_fractions, segment_tissue
 from wsi_pipe.readers import open_slide
 from wsi_pipe.store import create_store, open_store, schema
@@ -73,8 +74,14 @@ def _qc_thumbnail(reader: Any, qc_px: int) -> np.ndarray:
 class _Grid:
     """One target-mpp grid of one slide (all sizes in level-0 px unless suffixed)."""
 
-    def __init__(self, target_mpp: float, level0_mpp: float, cfg: TileConfig, dims_l0: tuple[int, int],
-                 reader: Any) -> None:
+    def __init__(
+        self,
+        target_mpp: float,
+        level0_mpp: float,
+        cfg: TileConfig,
+        dims_l0: tuple[int, int],
+        reader: Any,
+    ) -> None:
         self.target_mpp = target_mpp
         self.ds = target_mpp / level0_mpp
         if self.ds < 1 - 1e-3:
@@ -98,7 +105,8 @@ class _Grid:
 def tile_outputs(layout: RunLayout, slide_id: str, cfg: TileConfig) -> list[Path]:
     """Final artifacts of one slide (all exist <=> the slide is done)."""
     return [layout.coords_store(slide_id, m, cfg.store) for m in cfg.target_mpps] + [
-        layout.tissue_geojson(slide_id), layout.qc_png(slide_id)
+        layout.tissue_geojson(slide_id),
+        layout.qc_png(slide_id),
     ]
 
 
@@ -116,12 +124,16 @@ def is_tiled(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> bool:
 
 def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[str, Any]:
     """Tile one slide; write its stores, GeoJSON and QC PNG. Returns counts and timings."""
-    for out in tile_outputs(layout, entry.slide_id, cfg):  # leftovers of a killed run (we hold the lock)
+    for out in tile_outputs(
+        layout, entry.slide_id, cfg
+    ):  # leftovers of a killed run (we hold the lock)
         remove_tmp_siblings(out)
     t_io = 0.0
     t0 = time.perf_counter()
     override = entry.mpp if entry.mpp is not None else cfg.mpp_override
-    with open_slide(entry.path, backend=cfg.backend, mpp_override=override, slide_id=entry.slide_id) as reader:
+    with open_slide(
+        entry.path, backend=cfg.backend, mpp_override=override, slide_id=entry.slide_id
+    ) as reader:
         mpp = float(reader.mpp)
         dims = tuple(int(v) for v in reader.dimensions)
         seg_mpp = _seg_mpp_for(mpp, dims, cfg.segment.seg_mpp)
@@ -132,13 +144,19 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
         qc_px = min(cfg.qc_max_px, max(dims))
         if max(seg_img.shape[:2]) >= 0.75 * qc_px:  # big enough: no second read for the QC image
             f = min(1.0, qc_px / max(seg_img.shape[:2]))
-            qc_img = seg_img if f == 1.0 else cv2.resize(seg_img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+            qc_img = (
+                seg_img
+                if f == 1.0
+                else cv2.resize(seg_img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+            )
         else:
             t1 = time.perf_counter()
             qc_img = _qc_thumbnail(reader, qc_px)
             t_io += time.perf_counter() - t1
         meta = {
-            "backend": reader.backend, "vendor": reader.vendor, "mpp_source": reader.mpp_source,
+            "backend": reader.backend,
+            "vendor": reader.vendor,
+            "mpp_source": reader.mpp_source,
             "level_dimensions": [tuple(map(int, d)) for d in reader.level_dimensions],
             "objective_power": reader.objective_power,
         }
@@ -151,18 +169,26 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
         g.coords, g.fractions = cand[keep], frac[keep].astype(np.float32)
     # a coarse grid also keeps the parents of kept finer tiles
     for fine, coarse in zip(grids[:-1], grids[1:]):
-        need = geometry.parent_keys_needed(fine.coords, fine.tile_size_l0_exact, coarse.stride_l0,
-                                           (coarse.n_cols, coarse.n_rows))
+        need = geometry.parent_keys_needed(
+            fine.coords, fine.tile_size_l0_exact, coarse.stride_l0, (coarse.n_cols, coarse.n_rows)
+        )
         if len(need):
             merged = np.unique(np.concatenate([coarse.coords, need]), axis=0)
-            frac = box_fractions(tissue.mask, geometry.tile_boxes(merged, coarse.tile_size_l0_exact, scale))
+            frac = box_fractions(
+                tissue.mask, geometry.tile_boxes(merged, coarse.tile_size_l0_exact, scale)
+            )
             coarse.coords, coarse.fractions = merged, frac.astype(np.float32)
     for g in grids:
         order = geometry.sort_row_major(g.coords)
         g.coords, g.fractions = g.coords[order], g.fractions[order]
     for fine, coarse in zip(grids[:-1], grids[1:]):
-        fine.parents = geometry.parent_rows(fine.coords, fine.tile_size_l0_exact, coarse.coords,
-                                            coarse.stride_l0, (coarse.n_cols, coarse.n_rows))
+        fine.parents = geometry.parent_rows(
+            fine.coords,
+            fine.tile_size_l0_exact,
+            coarse.coords,
+            coarse.stride_l0,
+            (coarse.n_cols, coarse.n_rows),
+        )
     grids[-1].parents = np.full(len(grids[-1].coords), -1, np.int64)
 
     # write: stores, then GeoJSON, then the QC image (is_tiled needs all of them)
@@ -173,41 +199,74 @@ def tile_slide(entry: SlideEntry, cfg: TileConfig, layout: RunLayout) -> dict[st
     geo = to_geojson(tissue.polygons, inv, entry.slide_id)
     atomic_write_json(layout.tissue_geojson(entry.slide_id), geo)
     qc = draw_qc(qc_img, tissue, scale, grids[0].coords, grids[0].tile_size_l0_exact, dims)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(qc, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"could not encode the QC image of {entry.slide_id}")
-    atomic_write_bytes(layout.qc_png(entry.slide_id), png.tobytes())
+    atomic_write_bytes(layout.qc_png(entry.slide_id), encode_png(qc))
 
     total = time.perf_counter() - t0
     n_tiles = {f"{g.target_mpp:g}": int(len(g.coords)) for g in grids}
-    log.info("%s: %s tiles at mpp %s (%s, %.2f s)", entry.slide_id, n_tiles, mpp, meta["backend"], total)
+    log.info(
+        "%s: %s tiles at mpp %s (%s, %.2f s)", entry.slide_id, n_tiles, mpp, meta["backend"], total
+    )
     return {
-        "tiles": n_tiles, "level0_mpp": mpp, "backend": meta["backend"], "seg_mpp": seg_mpp,
-        "tissue_px": int(tissue.mask.sum()), "segmentation": qc_caption(tissue),
+        "tiles": n_tiles,
+        "level0_mpp": mpp,
+        "backend": meta["backend"],
+        "seg_mpp": seg_mpp,
+        "tissue_px": int(tissue.mask.sum()),
+        "segmentation": qc_caption(tissue),
         "seconds_io": round(t_io, 4),
         "seconds_total": round(total, 4),
     }
 
 
-def _write_coords_store(layout: RunLayout, entry: SlideEntry, cfg: TileConfig, g: _Grid, mpp: float,
-                        dims: tuple[int, ...], meta: dict[str, Any], parent_mpp: float) -> None:
+def _write_coords_store(
+    layout: RunLayout,
+    entry: SlideEntry,
+    cfg: TileConfig,
+    g: _Grid,
+    mpp: float,
+    dims: tuple[int, ...],
+    meta: dict[str, Any],
+    parent_mpp: float,
+) -> None:
     level_dim = meta["level_dimensions"][g.read_level]
     coords_attrs = schema.clam_coords_attrs(
-        slide_id=entry.slide_id, tile_px=cfg.tile_px, read_level=g.read_level,
-        level_downsample=g.level_ds, level_dim=level_dim, tile_size_level0=g.tile_size_l0,
-        level0_mpp=mpp, target_mpp=g.target_mpp, overlap_px=cfg.overlap_px,
-        level0_width=dims[0], level0_height=dims[1], objective_power=meta["objective_power"],
+        slide_id=entry.slide_id,
+        tile_px=cfg.tile_px,
+        read_level=g.read_level,
+        level_downsample=g.level_ds,
+        level_dim=level_dim,
+        tile_size_level0=g.tile_size_l0,
+        level0_mpp=mpp,
+        target_mpp=g.target_mpp,
+        overlap_px=cfg.overlap_px,
+        level0_width=dims[0],
+        level0_height=dims[1],
+        objective_power=meta["objective_power"],
     )
     root = {
-        "kind": schema.KIND_COORDS, "slide_id": entry.slide_id, "slide_path": str(entry.path),
-        "backend": meta["backend"], "vendor": meta["vendor"] or "", "mpp_source": meta["mpp_source"],
-        "level0_mpp": mpp, "target_mpp": g.target_mpp, "tile_px": cfg.tile_px,
-        "overlap_px": cfg.overlap_px, "read_level": g.read_level, "read_size_px": g.read_size_px,
-        "read_downsample": g.level_ds, "tile_size_level0": g.tile_size_l0,
-        "tile_size_level0_exact": g.tile_size_l0_exact, "stride_level0": g.stride_l0,
-        "level0_width": dims[0], "level0_height": dims[1], "parent_mpp": parent_mpp,
-        "min_tissue_fraction": cfg.min_tissue_fraction, "config_hash": cfg.config_hash(),
-        "patient_id": entry.patient_id, "label": entry.label or "",
+        "kind": schema.KIND_COORDS,
+        "slide_id": entry.slide_id,
+        "slide_path": str(entry.path),
+        "backend": meta["backend"],
+        "vendor": meta["vendor"] or "",
+        "mpp_source": meta["mpp_source"],
+        "level0_mpp": mpp,
+        "target_mpp": g.target_mpp,
+        "tile_px": cfg.tile_px,
+        "overlap_px": cfg.overlap_px,
+        "read_level": g.read_level,
+        "read_size_px": g.read_size_px,
+        "read_downsample": g.level_ds,
+        "tile_size_level0": g.tile_size_l0,
+        "tile_size_level0_exact": g.tile_size_l0_exact,
+        "stride_level0": g.stride_l0,
+        "level0_width": dims[0],
+        "level0_height": dims[1],
+        "parent_mpp": parent_mpp,
+        "min_tissue_fraction": cfg.min_tissue_fraction,
+        "config_hash": cfg.config_hash(),
+        "patient_id": entry.patient_id,
+        "label": entry.label or "",
     }
     with create_store(layout.coords_store(entry.slide_id, g.target_mpp, cfg.store)) as w:
         w.put(schema.COORDS, g.coords, coords_attrs)
@@ -216,8 +275,14 @@ def _write_coords_store(layout: RunLayout, entry: SlideEntry, cfg: TileConfig, g
         w.set_attrs(root)
 
 
-def draw_qc(thumb: np.ndarray, tissue: Any, seg_scale: tuple[float, float], coords: np.ndarray,
-            tile_size_l0: float, dims_l0: tuple[int, ...]) -> np.ndarray:
+def draw_qc(
+    thumb: np.ndarray,
+    tissue: Any,
+    seg_scale: tuple[float, float],
+    coords: np.ndarray,
+    tile_size_l0: float,
+    dims_l0: tuple[int, ...],
+) -> np.ndarray:
     """QC image: thumbnail (RGB uint8) with tissue contours (green), holes (blue), pen (magenta)
     and kept tiles (red), and below it a caption with the segmentation's glass reference and
     threshold (`qc_caption`). Polygons are in segmentation px (`seg_scale` = seg px per level-0
@@ -225,8 +290,11 @@ def draw_qc(thumb: np.ndarray, tissue: Any, seg_scale: tuple[float, float], coor
     img = np.ascontiguousarray(thumb[..., :3].copy())
     tx, ty = img.shape[1] / dims_l0[0], img.shape[0] / dims_l0[1]  # thumb px per level-0 px
     if tissue.pen_mask is not None and tissue.pen_mask.any():
-        pen = cv2.resize(tissue.pen_mask.astype(np.uint8), (img.shape[1], img.shape[0]),
-                         interpolation=cv2.INTER_NEAREST).astype(bool)
+        pen = cv2.resize(
+            tissue.pen_mask.astype(np.uint8),
+            (img.shape[1], img.shape[0]),
+            interpolation=cv2.INTER_NEAREST,
+        ).astype(bool)
         img[pen] = (0.5 * img[pen] + 0.5 * np.array([255, 0, 255])).astype(np.uint8)
     thick = max(1, int(round(max(img.shape[:2]) / 600)))
     f = np.array([tx / seg_scale[0], ty / seg_scale[1]])
@@ -258,14 +326,29 @@ def _caption(img: np.ndarray, text: str) -> np.ndarray:
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     f = min(1.0, (img.shape[1] - 8) / max(1, tw))  # narrow images: shrink the text to fit
     strip = np.full((int((th + base) * f) + 8, img.shape[1], 3), 255, np.uint8)
-    cv2.putText(strip, text, (4, int(th * f) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale * f, (0, 0, 0),
-                1, cv2.LINE_AA)
+    cv2.putText(
+        strip,
+        text,
+        (4, int(th * f) + 4),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale * f,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+    )
     return np.concatenate([img, strip], axis=0)
 
 
-def run_tile(inputs: list[str], out: str | Path, cfg: TileConfig, *, workers: int = 1,
-             overwrite: bool = False, shard: tuple[int, int] | None = None,
-             progress: bool = True) -> Any:
+def run_tile(
+    inputs: list[str],
+    out: str | Path,
+    cfg: TileConfig,
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Any:
     """Tile every slide of `inputs` (folders, files or a manifest) into run folder `out`.
 
     Saves the resolved config and the slide table, then runs `tile_slide` per slide through the
@@ -287,7 +370,13 @@ def run_tile(inputs: list[str], out: str | Path, cfg: TileConfig, *, workers: in
     atomic_write_text(layout.config("tile"), dump_config(cfg))
     save_slide_table(layout.slides_table, entries)
     return run_slides(
-        "tile", entries, partial(tile_slide, cfg=cfg, layout=layout), layout,
-        is_done=partial(is_tiled, cfg=cfg, layout=layout), workers=workers, shard=shard,
-        overwrite=overwrite, progress=progress,
+        "tile",
+        entries,
+        partial(tile_slide, cfg=cfg, layout=layout),
+        layout,
+        is_done=partial(is_tiled, cfg=cfg, layout=layout),
+        workers=workers,
+        shard=shard,
+        overwrite=overwrite,
+        progress=progress,
     )

@@ -25,17 +25,9 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from wsi_pipe.core.errors import SlideReadError
+from wsi_pipe.imageops.tiles import resize_tile
 
 log = logging.getLogger(__name__)
-
-
-def resize_tile(region: np.ndarray, out_px: int) -> np.ndarray:
-    """Resize an RGB region (h, w, 3) uint8 to (out_px, out_px, 3) uint8 (see module doc)."""
-    h, w = region.shape[:2]
-    if h == out_px and w == out_px:
-        return region
-    interp = cv2.INTER_AREA if max(h, w) > out_px else cv2.INTER_LINEAR
-    return cv2.resize(region, (out_px, out_px), interpolation=interp)
 
 
 @dataclass(frozen=True)
@@ -78,8 +70,12 @@ class TileDataset(Dataset):
 
             s = self.source
             try:
-                self._reader = open_slide(s.slide_path, backend=s.backend, mpp_override=s.mpp_override,
-                                          slide_id=s.slide_id)
+                self._reader = open_slide(
+                    s.slide_path,
+                    backend=s.backend,
+                    mpp_override=s.mpp_override,
+                    slide_id=s.slide_id,
+                )
             except SlideReadError:
                 raise
             except Exception as e:
@@ -95,7 +91,9 @@ class TileDataset(Dataset):
         s = self.source
         x, y = (int(v) for v in s.coords[i])
         try:
-            region = self._slide().read_region((x, y), s.read_level, (s.read_size_px, s.read_size_px))
+            region = self._slide().read_region(
+                (x, y), s.read_level, (s.read_size_px, s.read_size_px)
+            )
         except SlideReadError:
             raise
         except Exception as e:
@@ -168,8 +166,10 @@ def batch_requests(source: TileSource, batch_size: int) -> list[BatchRequest]:
     """Split a slide's coords into consecutive batches of at most `batch_size` rows."""
     n = len(source.coords)
     return [
-        BatchRequest(replace(source, coords=source.coords[s:s + batch_size]),
-                     np.arange(s, min(s + batch_size, n), dtype=np.int64))
+        BatchRequest(
+            replace(source, coords=source.coords[s : s + batch_size]),
+            np.arange(s, min(s + batch_size, n), dtype=np.int64),
+        )
         for s in range(0, n, batch_size)
     ]
 
@@ -191,7 +191,12 @@ class BatchReader(Dataset):
 
     def __getitem__(self, req: BatchRequest) -> tuple[torch.Tensor, torch.Tensor]:
         s = req.source
-        key = (s.slide_id, s.slide_path, s.backend, s.mpp_override)  # TileDataset reopens after a fork
+        key = (
+            s.slide_id,
+            s.slide_path,
+            s.backend,
+            s.mpp_override,
+        )  # TileDataset reopens after a fork
         if self._ds is None or key != self._key:
             self.close()
             self._ds = TileDataset(s)
@@ -199,8 +204,9 @@ class BatchReader(Dataset):
         else:
             self._ds.source = s  # same file: keep the handle, take this batch's coords/level/size
         ds = self._ds
-        tiles, _ = collate_tiles([(torch.from_numpy(ds.read_tile(i)).permute(2, 0, 1), 0)
-                                  for i in range(len(s.coords))])
+        tiles, _ = collate_tiles(
+            [(torch.from_numpy(ds.read_tile(i)).permute(2, 0, 1), 0) for i in range(len(s.coords))]
+        )
         return tiles, torch.from_numpy(np.asarray(req.rows, dtype=np.int64))
 
     def close(self) -> None:
@@ -255,8 +261,13 @@ class TilePool:
     failure inside a slide call `discard()`: the next slide gets fresh workers. `close()` ends it.
     """
 
-    def __init__(self, workers: int, pin_memory: bool = False, prefetch_factor: int = 4,
-                 persistent: bool = True) -> None:
+    def __init__(
+        self,
+        workers: int,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+        persistent: bool = True,
+    ) -> None:
         self.workers = max(0, int(workers))
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
@@ -269,15 +280,25 @@ class TilePool:
     def _make_loader(self) -> torch.utils.data.DataLoader:
         kwargs: dict[str, Any] = {}
         if self.workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": worker_init,
-                      "multiprocessing_context": worker_context(),
-                      "persistent_workers": self.persistent}
+            kwargs = {
+                "prefetch_factor": self.prefetch_factor,
+                "worker_init_fn": worker_init,
+                "multiprocessing_context": worker_context(),
+                "persistent_workers": self.persistent,
+            }
         return torch.utils.data.DataLoader(
-            self._reader, batch_size=None, sampler=self._sampler, num_workers=self.workers,
-            collate_fn=_as_is, pin_memory=self.pin_memory, **kwargs,
+            self._reader,
+            batch_size=None,
+            sampler=self._sampler,
+            num_workers=self.workers,
+            collate_fn=_as_is,
+            pin_memory=self.pin_memory,
+            **kwargs,
         )
 
-    def batches(self, source: TileSource, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, source: TileSource, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Start reading `source` (workers begin at once) and return an iterator over its
         (tiles, rows) batches. Consume it fully, or call `discard()`, before the next slide."""
         if self._loader is None or not self.persistent:

@@ -85,24 +85,39 @@ def aggregator_kwargs(cfg: MilConfig) -> dict[str, Any]:
     spec = get_spec(cfg.method)
     accepted = set(inspect.signature(spec.cls.__init__).parameters)
     candidates = dict(
-        hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, n_stages=cfg.n_stages,
-        mask_rule=cfg.mask_rule, mask_k=cfg.mask_k, mask_mass=cfg.mask_mass,
-        n_layers=cfg.n_layers, tile_order=cfg.tile_order, scan_backend=cfg.scan_backend,
+        hidden_dim=cfg.hidden_dim,
+        dropout=cfg.dropout,
+        n_stages=cfg.n_stages,
+        mask_rule=cfg.mask_rule,
+        mask_k=cfg.mask_k,
+        mask_mass=cfg.mask_mass,
+        n_layers=cfg.n_layers,
+        tile_order=cfg.tile_order,
+        scan_backend=cfg.scan_backend,
         reorder_stride=cfg.reorder_stride,
     )
     return {k: v for k, v in candidates.items() if k in accepted}
 
 
-def _folds_for(entries: Sequence[SlideEntry], bags: Sequence[Bag], cfg: MilConfig,
-               splits_path: Path, overwrite: bool) -> list[Fold]:
+def _folds_for(
+    entries: Sequence[SlideEntry],
+    bags: Sequence[Bag],
+    cfg: MilConfig,
+    splits_path: Path,
+    overwrite: bool,
+) -> list[Fold]:
     ids = [b.bag_id for b in bags]
     patient_of = {b.bag_id: b.patient_id for b in bags}
     if any(SPLIT_COLUMN in e.extra for e in entries):
         folds = fixed_split(ids, [e.extra.get(SPLIT_COLUMN, "") for e in entries])
         meta: dict[str, Any] = {"kind": "fixed", "column": SPLIT_COLUMN}
     else:
-        meta = {"kind": "patient_stratified_kfold", "n_folds": cfg.n_folds, "seed": cfg.seed,
-                "val_fraction": cfg.val_fraction}
+        meta = {
+            "kind": "patient_stratified_kfold",
+            "n_folds": cfg.n_folds,
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
+        }
         if splits_path.exists() and not overwrite:
             folds, old = load_splits(splits_path)
             old_ids = sorted({s for f in folds for part in (f.train, f.val, f.test) for s in part})
@@ -114,8 +129,14 @@ def _folds_for(entries: Sequence[SlideEntry], bags: Sequence[Bag], cfg: MilConfi
                 )
             check_no_leakage(folds, patient_of)
             return folds
-        folds = make_splits(ids, [b.patient_id for b in bags], [b.label for b in bags],
-                            cfg.n_folds, cfg.val_fraction, cfg.seed)
+        folds = make_splits(
+            ids,
+            [b.patient_id for b in bags],
+            [b.label for b in bags],
+            cfg.n_folds,
+            cfg.val_fraction,
+            cfg.seed,
+        )
     check_no_leakage(folds, patient_of)
     save_splits(splits_path, folds, {**meta, "patients": patient_of})
     return folds
@@ -127,11 +148,17 @@ def _check_fold_classes(folds: Sequence[Fold], by_id: dict[str, Bag], n_classes:
         if len(present) < 2:
             raise ConfigError(f"fold {k}: the training set holds a single class: lower --folds")
         if len(present) < n_classes:
-            log.warning("fold %d: training set lacks %d of %d classes", k, n_classes - len(present), n_classes)
+            log.warning(
+                "fold %d: training set lacks %d of %d classes",
+                k,
+                n_classes - len(present),
+                n_classes,
+            )
 
 
-def _prediction_rows(bags: Sequence[Bag], prob: np.ndarray, classes: Sequence[str],
-                     fold: int | None) -> list[dict[str, Any]]:
+def _prediction_rows(
+    bags: Sequence[Bag], prob: np.ndarray, classes: Sequence[str], fold: int | None
+) -> list[dict[str, Any]]:
     rows = []
     for b, p in zip(bags, prob, strict=True):
         row: dict[str, Any] = {"slide_id": b.bag_id, "patient_id": b.patient_id}
@@ -162,8 +189,11 @@ def labelled_entries(layout: RunLayout, manifest: str | Path | None) -> list[Sli
     entries = load_slide_table(layout.slides_table)
     unlabeled = [e.slide_id for e in entries if e.label is None]
     if unlabeled:
-        what = "without labels" if len(unlabeled) == len(entries) else (
-            f"without a label for {len(unlabeled)} slide(s) ({', '.join(unlabeled[:5])})")
+        what = (
+            "without labels"
+            if len(unlabeled) == len(entries)
+            else (f"without a label for {len(unlabeled)} slide(s) ({', '.join(unlabeled[:5])})")
+        )
         raise ConfigError(
             f"run {layout.root} was tiled {what}: pass --manifest CSV with slide_id, patient_id "
             "and a label column"
@@ -171,8 +201,9 @@ def labelled_entries(layout: RunLayout, manifest: str | Path | None) -> list[Sli
     return entries
 
 
-def prepare_training(run_dir: str | Path, manifest: str | Path | None, cfg: MilConfig
-                     ) -> tuple[RunLayout, list[SlideEntry], list[Bag], list[str], str, float]:
+def prepare_training(
+    run_dir: str | Path, manifest: str | Path | None, cfg: MilConfig
+) -> tuple[RunLayout, list[SlideEntry], list[Bag], list[str], str, float]:
     """Every check that can fail before training: config, manifest, labels, feature stores.
 
     `manifest` None: the labels of the run's own slide table (see `labelled_entries`).
@@ -215,17 +246,39 @@ def train_mil(
             b.materialize()
     chash = cfg.config_hash()
     atomic_write_text(paths.config, dump_config(cfg))
-    atomic_write_json(paths.model_json, {
-        "method": cfg.method, "feature_set": feature_set, "mpp": mpp, "classes": classes,
-        "in_dim": in_dim, "n_folds": len(folds), "config_hash": chash,
-        "manifest": str(Path(manifest if manifest is not None else layout.slides_table).resolve()),
-        "aggregator_kwargs": kwargs,
-    })
-    log.info("train-mil %s: %d slides, %d classes, %d folds, device %s -> %s",
-             cfg.method, len(bags), len(classes), len(folds), device, out)
+    atomic_write_json(
+        paths.model_json,
+        {
+            "method": cfg.method,
+            "feature_set": feature_set,
+            "mpp": mpp,
+            "classes": classes,
+            "in_dim": in_dim,
+            "n_folds": len(folds),
+            "config_hash": chash,
+            "manifest": str(
+                Path(manifest if manifest is not None else layout.slides_table).resolve()
+            ),
+            "aggregator_kwargs": kwargs,
+        },
+    )
+    log.info(
+        "train-mil %s: %d slides, %d classes, %d folds, device %s -> %s",
+        cfg.method,
+        len(bags),
+        len(classes),
+        len(folds),
+        device,
+        out,
+    )
     params = TrainParams(
-        epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        max_bag_train=cfg.max_bag_train, class_weighting=cfg.class_weighting, seed=cfg.seed,
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        max_bag_train=cfg.max_bag_train,
+        class_weighting=cfg.class_weighting,
+        seed=cfg.seed,
     )
     fold_records, all_rows = [], []
     for k, f in enumerate(folds):
@@ -246,24 +299,40 @@ def train_mil(
             model = MilModel(create_aggregator(cfg.method, in_dim, len(classes), **kwargs))
             if cfg.standardize:
                 model.set_standardization(*feature_stats(train))
-            res = fit(model, train, val, TrainParams(**{**params.__dict__, "seed": cfg.seed + k}), device)
+            res = fit(
+                model, train, val, TrainParams(**{**params.__dict__, "seed": cfg.seed + k}), device
+            )
             prob, _ = predict_bags(model, test, device)
-        save_checkpoint(paths.fold_model(k), model, {"fold": k, "classes": classes,
-                                                   "feature_set": feature_set, "mpp": mpp})
+        save_checkpoint(
+            paths.fold_model(k),
+            model,
+            {"fold": k, "classes": classes, "feature_set": feature_set, "mpp": mpp},
+        )
         y = np.array([b.label for b in test])
         rows = _prediction_rows(test, prob, classes, k)
         rec = {
-            "fold": k, "config_hash": chash, "test": list(f.test),
-            "n_train": len(train), "n_val": len(val), "n_test": len(test),
-            "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss,
-            "seconds": time.perf_counter() - tf, "history": res.history,
+            "fold": k,
+            "config_hash": chash,
+            "test": list(f.test),
+            "n_train": len(train),
+            "n_val": len(val),
+            "n_test": len(test),
+            "best_epoch": res.best_epoch,
+            "best_val_loss": res.best_val_loss,
+            "seconds": time.perf_counter() - tf,
+            "history": res.history,
             "metrics": compute_metrics(y, prob, cfg.bootstrap, cfg.seed + k),
             "predictions": rows,
         }
         atomic_write_json(marker, rec)
-        log.info("fold %d: best epoch %d, test AUROC %.3f, balanced accuracy %.3f (%.0f s)", k,
-                 res.best_epoch, rec["metrics"]["auroc"]["value"],
-                 rec["metrics"]["balanced_accuracy"]["value"], rec["seconds"])
+        log.info(
+            "fold %d: best epoch %d, test AUROC %.3f, balanced accuracy %.3f (%.0f s)",
+            k,
+            res.best_epoch,
+            rec["metrics"]["auroc"]["value"],
+            rec["metrics"]["balanced_accuracy"]["value"],
+            rec["seconds"],
+        )
         fold_records.append(rec)
         all_rows.extend(rows)
     y_all = np.array([classes.index(r["label"]) for r in all_rows])
@@ -271,13 +340,24 @@ def train_mil(
     summary = summarise_folds([r["metrics"] for r in fold_records])
     pooled = compute_metrics(y_all, p_all, cfg.bootstrap, cfg.seed)
     atomic_write_text(paths.predictions, _csv_text(all_rows))
-    atomic_write_json(paths.metrics, {
-        "method": cfg.method, "feature_set": feature_set, "mpp": mpp, "classes": classes,
-        "summary": summary, "pooled": pooled,
-        "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "metrics")}
-                     for r in fold_records],
-    })
-    return TrainMilResult(out, len(bags), len(folds), classes, summary, pooled, time.perf_counter() - t0)
+    atomic_write_json(
+        paths.metrics,
+        {
+            "method": cfg.method,
+            "feature_set": feature_set,
+            "mpp": mpp,
+            "classes": classes,
+            "summary": summary,
+            "pooled": pooled,
+            "per_fold": [
+                {k: r[k] for k in ("fold", "n_train", "n_val", "n_test", "best_epoch", "metrics")}
+                for r in fold_records
+            ],
+        },
+    )
+    return TrainMilResult(
+        out, len(bags), len(folds), classes, summary, pooled, time.perf_counter() - t0
+    )
 
 
 # ------------------------------------------------------------------------------- predict
@@ -306,13 +386,25 @@ def predict(
     info = trained.info
     entries = entries_from_args(slides)
     classes = trained.classes
-    entries = [e if (e.label is None or e.label in classes) else
-               SlideEntry(e.slide_id, e.path, e.patient_id, None, e.mpp, e.extra) for e in entries]
-    bags, _ = bags_from_entries(layout, entries, info["feature_set"], float(info["mpp"]),
-                                classes=classes, require_labels=False)
+    entries = [
+        e
+        if (e.label is None or e.label in classes)
+        else SlideEntry(e.slide_id, e.path, e.patient_id, None, e.mpp, e.extra)
+        for e in entries
+    ]
+    bags, _ = bags_from_entries(
+        layout,
+        entries,
+        info["feature_set"],
+        float(info["mpp"]),
+        classes=classes,
+        require_labels=False,
+    )
     if bags[0].dim != int(info["in_dim"]):
-        raise ConfigError(f"features of {info['feature_set']!r} in {run_dir} are {bags[0].dim}-wide, "
-                          f"the model expects {info['in_dim']}: extract with the same encoder")
+        raise ConfigError(
+            f"features of {info['feature_set']!r} in {run_dir} are {bags[0].dim}-wide, "
+            f"the model expects {info['in_dim']}: extract with the same encoder"
+        )
     prob, _ = ensemble_predict(trained, bags, dev)
     rows = _prediction_rows(bags, prob, classes, None)
     out_path = Path(out) if out else layout.mil_run(Path(model_dir).name).inference_predictions
@@ -320,6 +412,8 @@ def predict(
     labelled = [i for i, b in enumerate(bags) if b.label >= 0]
     if labelled and len({bags[i].label for i in labelled}) > 1:
         y = np.array([bags[i].label for i in labelled])
-        atomic_write_text(out_path.with_suffix(".metrics.json"),
-                          json.dumps(compute_metrics(y, prob[labelled]), indent=2) + "\n")
+        atomic_write_text(
+            out_path.with_suffix(".metrics.json"),
+            json.dumps(compute_metrics(y, prob[labelled]), indent=2) + "\n",
+        )
     return out_path

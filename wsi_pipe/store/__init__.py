@@ -1,12 +1,12 @@
 """Coordinate and feature stores: one schema (`schema.py`), two backends (HDF5, zarr v3).
 
-    with create_store(final_path) as w:      # written to a temp sibling ...
-        w.put("coords", coords, attrs)
-        w.set_attrs({...})
-    # ... and renamed to final_path only here, after a clean exit
+with create_store(final_path) as w:      # written to a temp sibling ...
+    w.put("coords", coords, attrs)
+    w.set_attrs({...})
+# ... and renamed to final_path only here, after a clean exit
 
-    with open_store(path) as r:
-        coords = r.read("coords")
+with open_store(path) as r:
+    coords = r.read("coords")
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from wsi_pipe.store import schema
 from wsi_pipe.store.base import StoreReader, StoreWriter
 
 __all__ = [
-    "StoreReader", "StoreWriter", "backend_of", "create_store", "open_store", "schema", "write_store",
+    "StoreReader",
+    "StoreWriter",
+    "backend_of",
+    "create_store",
+    "open_store",
+    "schema",
+    "write_store",
 ]
 
 
@@ -65,8 +71,12 @@ def create_store(final_path: str | Path) -> Iterator[StoreWriter]:
             w.close()
 
 
-def write_store(final_path: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any],
-                array_attrs: dict[str, dict[str, Any]] | None = None) -> None:
+def write_store(
+    final_path: str | Path,
+    arrays: dict[str, np.ndarray],
+    attrs: dict[str, Any],
+    array_attrs: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """Write `arrays` and root `attrs` to a new store at `final_path`, atomically."""
     with create_store(final_path) as w:
         for name, data in arrays.items():

@@ -18,8 +18,13 @@ class StoreWriter(abc.ABC):
         self.path = path
 
     @abc.abstractmethod
-    def create_array(self, name: str, shape: tuple[int, ...], dtype: str | np.dtype,
-                     chunks: tuple[int, ...] | None = None) -> None:
+    def create_array(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str | np.dtype,
+        chunks: tuple[int, ...] | None = None,
+    ) -> None:
         """Create array `name` (chunks default to the schema's)."""
 
     @abc.abstractmethod
@@ -84,7 +89,10 @@ class StoreReader(abc.ABC):
         """Raise StoreSchemaError unless the content follows the schema."""
         names = self.names
         schema.validate(
-            names, self.attrs, {n: self.shape(n) for n in names}, {n: self.dtype(n) for n in names},
+            names,
+            self.attrs,
+            {n: self.shape(n) for n in names},
+            {n: self.dtype(n) for n in names},
             str(self.path),
         )
 

@@ -26,15 +26,25 @@ class H5Writer(StoreWriter):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._f = h5py.File(f"wsi-pipe-{id(self)}-{path.name}", "w", driver="core", backing_store=False)
+        self._f = h5py.File(
+            f"wsi-pipe-{id(self)}-{path.name}", "w", driver="core", backing_store=False
+        )
         # the temp path exists from the start (so a crash leaves a visible, cleanable temp file)
         path.touch()
 
-    def create_array(self, name: str, shape: tuple[int, ...], dtype: str | np.dtype,
-                     chunks: tuple[int, ...] | None = None) -> None:
+    def create_array(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str | np.dtype,
+        chunks: tuple[int, ...] | None = None,
+    ) -> None:
         chunks = chunks or schema.chunks_for(name, tuple(shape))
         self._f.create_dataset(
-            name, shape=tuple(shape), dtype=np.dtype(dtype), chunks=chunks,
+            name,
+            shape=tuple(shape),
+            dtype=np.dtype(dtype),
+            chunks=chunks,
             maxshape=(None,) + tuple(shape[1:]),
         )
 
@@ -68,7 +78,9 @@ class H5Reader(StoreReader):
         try:
             self._f = h5py.File(path, "r")
         except OSError as e:
-            raise StoreSchemaError(f"{path} is not a readable HDF5 store ({e}): re-run with --overwrite") from None
+            raise StoreSchemaError(
+                f"{path} is not a readable HDF5 store ({e}): re-run with --overwrite"
+            ) from None
 
     @property
     def names(self) -> list[str]:

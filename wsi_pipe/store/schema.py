@@ -114,12 +114,19 @@ def clam_coords_attrs(
     }
 
 
-def validate(names: list[str], attrs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
-             dtypes: dict[str, str], where: str) -> None:
+def validate(
+    names: list[str],
+    attrs: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, str],
+    where: str,
+) -> None:
     """Raise StoreSchemaError if a store's content does not follow this schema."""
     version = attrs.get("schema_version")
     if version is None:
-        raise StoreSchemaError(f"{where} has no schema_version: not a wsi-pipe store (re-run the stage that writes it)")
+        raise StoreSchemaError(
+            f"{where} has no schema_version: not a wsi-pipe store (re-run the stage that writes it)"
+        )
     if int(version) not in READABLE_VERSIONS:
         raise StoreSchemaError(
             f"{where} has schema version {version}, this wsi-pipe reads {READABLE_VERSIONS}: "
@@ -139,7 +146,9 @@ def validate(names: list[str], attrs: dict[str, Any], shapes: dict[str, tuple[in
         raise StoreSchemaError(f"{where}: coords must be (N, 2), got {shapes[COORDS]}")
     for name in names:
         if name in DTYPES and dtypes[name] not in DTYPES[name]:
-            raise StoreSchemaError(f"{where}: {name} has dtype {dtypes[name]}, expected {DTYPES[name]}")
+            raise StoreSchemaError(
+                f"{where}: {name} has dtype {dtypes[name]}, expected {DTYPES[name]}"
+            )
         if shapes[name][0] != n:
             raise StoreSchemaError(f"{where}: {name} has {shapes[name][0]} rows, coords has {n}")
 

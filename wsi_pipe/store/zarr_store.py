@@ -25,7 +25,7 @@ class _RowBuffer:
         self.n = 0
 
 
-def _array(group: zarr.Group, name: str) -> zarr.Array:
+def _array(group: zarr.Group, name: str) -> zarr.Array:  # type: ignore[type-arg]
     arr = group[name]
     if not isinstance(arr, zarr.Array):
         raise StoreSchemaError(f"{name!r} in {group.store} is a group, not an array")
@@ -38,8 +38,13 @@ class ZarrWriter(StoreWriter):
         self._g = zarr.open_group(str(path), mode="w", zarr_format=3)
         self._buf: dict[str, _RowBuffer] = {}
 
-    def create_array(self, name: str, shape: tuple[int, ...], dtype: str | np.dtype,
-                     chunks: tuple[int, ...] | None = None) -> None:
+    def create_array(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str | np.dtype,
+        chunks: tuple[int, ...] | None = None,
+    ) -> None:
         chunks = chunks or schema.chunks_for(name, tuple(shape))
         self._g.create_array(name, shape=tuple(shape), chunks=chunks, dtype=np.dtype(dtype))
         self._buf[name] = _RowBuffer(chunks[0])
@@ -88,7 +93,9 @@ class ZarrReader(StoreReader):
         try:
             self._g = zarr.open_group(str(path), mode="r")
         except Exception as e:  # zarr raises several types for a missing/foreign folder
-            raise StoreSchemaError(f"{path} is not a readable zarr store ({e}): re-run with --overwrite") from None
+            raise StoreSchemaError(
+                f"{path} is not a readable zarr store ({e}): re-run with --overwrite"
+            ) from None
 
     @property
     def names(self) -> list[str]:
