@@ -9,7 +9,6 @@ normal when it lies wholly outside every region; tiles on a boundary are left ou
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +66,7 @@ def _mtimes(root: Path, *patterns: str) -> dict[str, int]:
 @pytest.mark.slow
 def test_demo_small_runs_every_stage_attends_tumour_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    t0 = time.perf_counter()
     first = demo.run_demo(out, progress=False, **SMALL)
-    seconds_first = time.perf_counter() - t0
     status = {s.name: s.status for s in first.stages}
     assert first.ok, [(s.name, s.status, s.details) for s in first.stages]
     assert status == {
@@ -114,13 +111,11 @@ def test_demo_small_runs_every_stage_attends_tumour_and_resumes(tmp_path: Path) 
     run = out / "run"
     kept = _mtimes(run, "tiles/**/*", "features/**/*", "models/*.pt", "mil/*/fold_*/*")
     assert len(kept) >= 4 + 4 + 1 + 2, sorted(kept)
-    t0 = time.perf_counter()
+    # (skipping is shown by the stage reports and untouched outputs, never by wall time)
     second = demo.run_demo(out, progress=False, **SMALL)
-    seconds_second = time.perf_counter() - t0
     assert second.ok
     details = {s.name: s.details for s in second.stages}
     assert details["tile"].startswith("0 done, 4 already done"), details
     assert details["extract"].startswith("0 done, 4 already done"), details
     assert details["pretrain"] == "already done", details
     assert _mtimes(run, "tiles/**/*", "features/**/*", "models/*.pt", "mil/*/fold_*/*") == kept
-    assert seconds_second < seconds_first / 3, (seconds_first, seconds_second)
