@@ -5,6 +5,13 @@ measured with the torch profiler. Random weights, one input shared by every mode
     python scripts/bench_encoder.py --models resnet50 ssmamba_s --scan-backends auto torch
     python scripts/bench_encoder.py --batch-size 8 --iters 5            # all default models
     python scripts/bench_encoder.py --device cuda --dtype bf16 --scan-backends auto triton torch
+    python scripts/bench_encoder.py --foundation --batch-size 2 --iters 2 --no-profile  # + big
+
+`--foundation` adds rows for the pathology foundation models (UNI, UNI2-h, Virchow2,
+H-optimus-0, Prov-GigaPath: 0.3-1.1 B parameters, 224 px; several seconds per tile on a CPU),
+left out by default. Their random weights are drawn from N(0, 0.02) into a model built on the
+meta device (timm's own initialisation of 1.1 B parameters takes ~35 s and is irrelevant to
+speed).
 
 Timing: models are timed round-robin; each round runs every (model, scan backend) once on the
 same batch, so all columns of one round see the same machine load, and the ratio to ResNet-50 is
@@ -35,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import wsi_pipe.nn.mamba as mamba_mod
 import wsi_pipe.nn.scan_cpu as scan_cpu_mod
-from wsi_pipe.encoders import create_encoder
+from wsi_pipe.encoders import FOUNDATION_MODELS, can_build_empty, create_encoder
 from wsi_pipe.nn.mamba import set_scan_backend
 from wsi_pipe.nn.selective_scan import (
     PROFILE_LABEL,
@@ -48,6 +55,20 @@ from wsi_pipe.nn.selective_scan import (
 DEFAULT_MODELS = ["resnet50", "ssmamba_t", "ssmamba_s", "ssmamba_b", "medmamba_t", "vit_s16"]
 MAMBA_FAMILIES = ("ssmamba", "medmamba")
 SCAN_FLOPS_PER_ELEMENT = 9
+
+
+def build_model(name: str, device: torch.device) -> torch.nn.Module:
+    """Random weights; a model that can be built empty gets N(0, 0.02) (fast for giants)."""
+    if name not in FOUNDATION_MODELS or not can_build_empty(name):
+        return create_encoder(name, scan_backend="auto").eval().to(device)
+    model = create_encoder(name, empty=True).to_empty(device=device)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.normal_(0.0, 0.02)
+            else:
+                t.zero_()
+    return model.eval()
 
 
 class ScanFlops:
@@ -155,6 +176,11 @@ def bench_scan(device: torch.device, b: int, d: int, n: int, length: int, reps: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument(
+        "--foundation",
+        action="store_true",
+        help="also the pathology foundation models (big: 0.3-1.1 B parameters; needs --px 224)",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--px", type=int, default=224)
     ap.add_argument("--iters", type=int, default=5, help="timed rounds (every model once each)")
@@ -173,6 +199,10 @@ def main() -> None:
     ap.add_argument("--skip-scan", action="store_true", help="skip the scan fwd+bwd micro-bench")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     a = ap.parse_args()
+    if a.foundation:
+        a.models = a.models + [n for n in FOUNDATION_MODELS if n not in a.models]
+    if a.px != 224 and any(n in FOUNDATION_MODELS for n in a.models):
+        ap.error("the foundation models are benchmarked at their cards' 224 px: use --px 224")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -189,7 +219,7 @@ def main() -> None:
     # (label, model); Mamba models once per requested scan backend, the same weights each time
     entries: list[tuple[str, str, str, torch.nn.Module]] = []
     for name in a.models:
-        model = create_encoder(name, scan_backend="auto").eval().to(device)
+        model = build_model(name, device)
         backends = a.scan_backends if name.startswith(MAMBA_FAMILIES) else ["-"]
         for be in backends:
             label = name if be == "-" else f"{name}[{be}]"

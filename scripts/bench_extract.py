@@ -49,8 +49,8 @@ from torch import nn
 from wsi_pipe.core.config import ExtractConfig
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry, save_slide_table
+from wsi_pipe.data.tile_dataset import TileDataset, TileSource
 from wsi_pipe.stages import extract as ex
-from wsi_pipe.stages.tile_dataset import TileDataset, TileSource
 from wsi_pipe.store import schema, write_store
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

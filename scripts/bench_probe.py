@@ -22,10 +22,11 @@ No arm uses the test fold for anything but scoring: SFT runs a fixed schedule (`
 last epoch kept, no model selection) and the probes' hyperparameters are fixed.
 
 Metrics: accuracy, balanced accuracy (mean recall over the classes scored) and macro-F1 (same
-classes), with percentile-bootstrap 95 % CIs over tiles (`wsi_pipe.mil.metrics.bootstrap_ci`), per-
-class recall, paired-bootstrap CIs of the differences that test "pretraining helps", and the wall
-time of each arm. Bootstrap over tiles ignores that tiles of one slide are correlated, so the
-CIs are too narrow for claims about new slides.
+classes), each with two percentile-bootstrap 95 % CIs: over tiles (`ci_low`/`ci_high`,
+`wsi_pipe.mil.metrics.bootstrap_ci`) and, in grouped CV, over source slides (`ci_slides`: whole
+slides resampled, the CI that speaks about new slides; wide with 6 slides). Also per-class
+recall, paired-bootstrap CIs of the differences that test "pretraining helps", and the wall time
+of each arm. Per-tile predictions are saved beside the JSON (`<json stem>.predictions.npz`).
 
 Budget: `--budget-min` (default 45, meant for an idle 2-core machine) sets the MAMIM and SFT
 epochs; `--pretrain-epochs` / `--sft-epochs` override. The JSON is rewritten after every arm of
@@ -84,13 +85,44 @@ def _mf1(y: np.ndarray, prob: np.ndarray) -> float:
 METRIC_FNS = {"accuracy": _acc, "balanced_accuracy": _bacc, "macro_f1": _mf1}
 
 
-def score(y: np.ndarray, prob: np.ndarray, classes: list[str], n_boot: int, seed: int) -> dict:
+def group_bootstrap_ci(
+    y: np.ndarray, prob: np.ndarray, groups: np.ndarray, fn, n_boot: int, seed: int
+) -> tuple[float, float]:
+    """Percentile 95 % CI resampling whole groups (source slides) with replacement.
+
+    Tiles of one slide are correlated, so this is the CI that speaks about new slides. With few
+    slides (6 here) it is wide and coarse; NaN when fewer than two groups are scored.
+    """
+    uniq = np.unique(groups)
+    if len(uniq) < 2 or n_boot <= 0:
+        return math.nan, math.nan
+    rows = [np.flatnonzero(groups == g) for g in uniq]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        i = np.concatenate([rows[j] for j in rng.integers(0, len(uniq), len(uniq))])
+        vals.append(fn(y[i], prob[i]))
+    lo, hi = np.quantile(vals, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def score(
+    y: np.ndarray,
+    prob: np.ndarray,
+    classes: list[str],
+    n_boot: int,
+    seed: int,
+    groups: np.ndarray | None = None,
+) -> dict:
+    """Metrics with a tile-bootstrap CI, plus a slide-bootstrap CI (`ci_slides`) with groups."""
     from wsi_pipe.mil.metrics import bootstrap_ci
 
     out: dict = {"n": int(len(y))}
     for k, (name, fn) in enumerate(METRIC_FNS.items()):
         lo, hi = bootstrap_ci(y, prob, fn, n_boot, seed + k)
         out[name] = {"value": fn(y, prob), "ci_low": lo, "ci_high": hi}
+        if groups is not None:
+            out[name]["ci_slides"] = list(group_bootstrap_ci(y, prob, groups, fn, n_boot, seed + k))
     pred = prob.argmax(1)
     out["per_class_recall"] = {
         classes[c]: {"recall": float(np.mean(pred[y == c] == c)), "n": int((y == c).sum())}
@@ -286,17 +318,21 @@ def main(argv: list[str] | None = None) -> dict:
     wall: dict[str, float] = defaultdict(float)
     preds: dict[str, list] = defaultdict(list)  # arm -> per-fold probs on the scored test tiles
     y_scored: list[np.ndarray] = []
+    g_scored: list[np.ndarray] = []  # source slide of each scored tile (grouped CV only)
     fold_info = []
     out_path = Path(a.json)
 
     def finish(partial: bool) -> dict:
         yt = np.concatenate(y_scored) if y_scored else np.array([], dtype=np.int64)
+        gt = np.concatenate(g_scored) if g_scored else None
         results = {}
+        saved = {"y": yt}
         for arm, _ in ARMS:
             if arm in preds and len(preds[arm]) == len(y_scored) and len(yt):
                 p = np.concatenate(preds[arm])
+                saved[f"prob/{arm}"] = p
                 results[arm] = {
-                    **score(yt, p, classes, a.n_boot, a.seed),
+                    **score(yt, p, classes, a.n_boot, a.seed, gt),
                     "seconds": round(wall[arm], 1),
                 }
         diffs = {}
@@ -324,6 +360,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "python": platform.python_version(), "torch": torch.__version__},
         }  # fmt: skip
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        if gt is not None:
+            saved["group"] = gt
+        # per-tile predictions beside the JSON, so any CI can be recomputed without rerunning
+        npz = out_path.with_suffix(".predictions.npz")
+        with open(npz.with_name(npz.name + ".tmp"), "wb") as fh:
+            np.savez_compressed(fh, **saved)
+        os.replace(npz.with_name(npz.name + ".tmp"), npz)
         tmp = out_path.with_name(out_path.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=1))
         os.replace(tmp, out_path)
@@ -355,9 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
         r = pretrain_images(all_tiles[tr], cfg, out, progress=False)
         enc, _ = load_encoder(out, scan_backend="torch")
         return enc, {
-            "steps": r["steps"],
-            "first_loss": r["first_loss"],
-            "last_loss": r["last_loss"],
+            "steps": r.steps,
+            "first_loss": r.first_loss,
+            "last_loss": r.last_loss,
         }
 
     def sft(enc, spec, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
@@ -386,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
         fold_info.append(info)
         print(f"fold {k}: {info}", flush=True)
         y_scored.append(all_y[te])
+        if groups is not None and not a.test:
+            g_scored.append(np.asarray([groups[i] for i in te]))
         fold_data.append((tr, te, info))
 
     # arms outer, folds inner: a run cut short loses whole (late, costly) arms, not folds

@@ -21,7 +21,7 @@ from wsi_pipe.core.config import RunConfig, TileConfig, load_config
 from wsi_pipe.core.errors import ConfigError
 from wsi_pipe.core.layout import RunLayout, find_run_dir
 from wsi_pipe.encoders import create_encoder, save_encoder
-from wsi_pipe.stages.demo import build_cohort
+from wsi_pipe.synth import build_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 N_SLIDES = 10  # 5 per class: the default 5 patient-level folds each hold both classes

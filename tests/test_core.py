@@ -129,3 +129,19 @@ def test_manifest_and_discovery(tmp_path):
         discover([tmp_path / "empty"])
     save_slide_table(tmp_path / "run" / "slides.json", rows)
     assert load_slide_table(tmp_path / "run" / "slides.json") == rows
+
+
+def test_one_slide_path_rule(tmp_path):
+    from wsi_pipe.core.errors import SlideReadError
+    from wsi_pipe.core.manifest import resolve_slide_path
+
+    listed, stored = tmp_path / "now.svs", tmp_path / "then.svs"
+    stored.write_bytes(b"x")
+    assert resolve_slide_path("s", str(listed), str(stored), fix="f") == str(stored)
+    listed.write_bytes(b"x")  # the slide table's current path wins when it exists
+    assert resolve_slide_path("s", str(listed), str(stored), fix="f") == str(listed)
+    gone = tmp_path / "gone.svs"
+    with pytest.raises(SlideReadError, match=r"slide s: file .*gone.svs does not exist .*: fix it"):
+        resolve_slide_path("s", str(gone), None, fix="fix it")
+    assert resolve_slide_path("s", str(gone), None, fix="", must_exist=False) == str(gone)
+    assert resolve_slide_path("s", None, None, fix="", must_exist=False) == ""

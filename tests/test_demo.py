@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipe.stages import demo
+from wsi_pipe import synth
+from wsi_pipe.runner import demo
 
 #: the smallest demo that still runs every stage: 2 slides per class, 2048 px (about 50 tiles of
 #: 64 px at 1 um/px per slide, 15-20 of them tumour), one pretraining epoch, 2-fold MIL
@@ -23,8 +24,8 @@ SMALL = dict(n_slides=4, size_px=2048, pretrain_epochs=1, workers=1, seed=0)
 
 def _recipes() -> dict[str, tuple[str, list[tuple[float, float, float]]]]:
     """{slide id: (label, tumour discs (x, y, r) level-0 px)} as the demo draws them."""
-    # the demo's own recipe is the ground truth (private: describe any change to it here too)
-    recipe = getattr(demo, "slide_recipe", None) or demo._slide_recipe
+    # the cohort's own recipe is the ground truth (describe any change to it here too)
+    recipe = synth.cohort_slide_recipe
     out = {}
     for i in range(SMALL["n_slides"]):
         sid, label, shapes = recipe(i, SMALL["size_px"], SMALL["seed"])
@@ -79,14 +80,14 @@ def test_demo_small_runs_every_stage_attends_tumour_and_resumes(tmp_path: Path) 
 
     # ---- the recipe is the one the demo used: same slides, same labels
     recipes = _recipes()
-    manifest = first.outputs["manifest"]
+    manifest = first.manifest
     rows = list(csv.DictReader(Path(manifest).read_text().splitlines()))
     assert {r["slide_id"]: r["label"] for r in rows} == {s: lab for s, (lab, _) in recipes.items()}
 
     # ---- attention on tumour tiles exceeds attention on normal tiles, on every tumour slide
     cfg = demo.demo_config(out, Path(manifest))
-    tile_l0 = cfg.tile.tile_px * cfg.tile.target_mpps[0] / demo.DEMO_MPP
-    hdir = Path(first.outputs["heatmaps"])
+    tile_l0 = cfg.tile.tile_px * cfg.tile.target_mpps[0] / synth.COHORT_MPP
+    hdir = Path(first.pipeline.outputs.heatmaps)
     n_checked = 0
     for sid, (label, discs) in recipes.items():
         if label != "tumour":

@@ -7,15 +7,21 @@ import torch
 
 from wsi_pipe.core.errors import CheckpointError, ConfigError
 from wsi_pipe.encoders import (
+    ENCODERS,
+    FOUNDATION_MODELS,
     MAMIM,
+    EncoderSource,
     create_encoder,
     encoder_family,
+    encoder_label,
+    encoder_options,
     get_encoder_spec,
     list_encoders,
     load_classifier,
     load_encoder,
     read_checkpoint,
     register_encoder,
+    resolve_encoder_source,
     save_encoder,
 )
 from wsi_pipe.encoders.augment import augment_batch, hed_jitter, random_dihedral
@@ -23,13 +29,15 @@ from wsi_pipe.nn.mamba import set_scan_backend
 
 TINY = list_encoders(tiny=True)
 FULL = list_encoders(tiny=False)
+#: pathology foundation models (0.3-1.1 B parameters): built empty here, run in test_timm_encoders
+BIG = set(list_encoders(family="foundation", tiny=False))
 #: parameter counts (millions) published for MedMamba (the paper's include a small head)
 PUBLISHED_M = {"medmamba_t": 14.5, "medmamba_s": 18.6, "medmamba_b": 39.9}
 
 
 def test_every_family_has_a_tiny_variant():
     families = {encoder_family(n) for n in list_encoders()}
-    assert families == {"ssmamba", "medmamba", "resnet", "vit"}
+    assert families == {"ssmamba", "medmamba", "resnet", "vit", "foundation"}
     assert {encoder_family(n) for n in TINY} == families
     assert {"ssmamba_t", "ssmamba_s", "ssmamba_b", "medmamba_t", "resnet50", "vit_s16"} <= set(FULL)
 
@@ -44,6 +52,146 @@ def test_unknown_encoder_is_a_config_error():
         create_encoder("ssmamba_xl")
 
 
+#: every name that checkpoints, configs, docs and tests use: it must keep its spec
+NAMES = {
+    # name: (family, input px, embed dim)
+    "resnet50": ("resnet", 224, 2048),
+    "resnet_tiny": ("resnet", 64, 64),
+    "vit_s16": ("vit", 224, 384),
+    "vit_tiny": ("vit", 64, 32),
+    **{
+        f"{f}_{s}": (f, 224, 1024 if s == "b" else 768)
+        for f in ("ssmamba", "medmamba")
+        for s in "tsb"
+    },
+    **{f"{f}_tiny": (f, 64, 64) for f in ("ssmamba", "medmamba")},
+    **{f"{f}_cpu": (f, 160, 128) for f in ("ssmamba", "medmamba")},
+    "uni": ("foundation", 224, 1024),
+    "uni2_h": ("foundation", 224, 1536),
+    "virchow2": ("foundation", 224, 2560),
+    "h_optimus_0": ("foundation", 224, 1536),
+    "prov_gigapath": ("foundation", 224, 1536),
+    "foundation_tiny": ("foundation", 64, 64),
+}
+
+
+def test_registered_names_and_specs_are_stable():
+    assert set(list_encoders()) == set(NAMES)
+    for name, (family, px, dim) in NAMES.items():
+        spec = get_encoder_spec(name)
+        assert (encoder_family(name), spec.name, spec.input_px, spec.embed_dim) == (
+            family,
+            name,
+            px,
+            dim,
+        )
+        assert spec.mpp == 0.5
+
+
+def test_each_family_declares_one_tiny_variant_built_with_its_options():
+    """One entry per family carries `tiny` options; `<family>_tiny` is built with exactly them
+    (same tensors as the declaring entry built with those options) and has its own spec."""
+    for family in {encoder_family(n) for n in list_encoders()}:
+        declaring = [
+            e for e in ENCODERS.entries() if e.family == family and e.tiny and not e.tiny_variant
+        ]
+        assert len(declaring) == 1, (family, [e.name for e in declaring])
+        (tiny,) = list_encoders(family=family, tiny=True)
+        assert tiny == f"{family}_tiny"
+        parent, variant = declaring[0], ENCODERS.get(tiny)
+        assert dict(variant.tiny) == dict(parent.tiny) and variant.options == parent.options
+        spec = get_encoder_spec(tiny)
+        assert spec.name == tiny and spec.embed_dim < get_encoder_spec(parent.name).embed_dim
+        torch.manual_seed(0)
+        a = create_encoder(tiny, scan_backend="torch").state_dict()
+        torch.manual_seed(0)
+        b = create_encoder(parent.name, scan_backend="torch", **parent.tiny).state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), family
+        with torch.no_grad():
+            y = create_encoder(tiny, scan_backend="torch").eval()(torch.randn(1, 3, 64, 64))
+        assert y.shape == (1, spec.embed_dim)
+    assert "ssmamba_tiny" not in ENCODERS.choices() and "ssmamba_s" in ENCODERS.choices()
+
+
+def test_options_are_checked_against_the_family_schema(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        create_encoder("ssmamba_s", bogus=1)
+    msg = str(e.value)
+    assert "'ssmamba_s' has no option(s) ['bogus']" in msg and "'depths'" in msg
+    assert "scan_backend" not in msg  # a control, not an architecture option
+    assert {"dims", "depths", "d_state", "scales"} <= encoder_options("ssmamba_s")
+    assert "scales" not in encoder_options("medmamba_t")  # each family its own schema
+    with pytest.raises(ConfigError, match=r"'medmamba_tiny' has no option\(s\) \['scales'\]"):
+        create_encoder("medmamba_tiny", scales=(1, 2))
+    # timm families: the timm class's constructor, plus the earlier hand-written names
+    assert {"depth", "num_heads", "img_px", "dim"} <= encoder_options("vit_tiny")
+    assert {"layers", "widths", "channels"} <= encoder_options("resnet_tiny")
+    assert "num_classes" not in encoder_options("uni")  # encoders are headless
+    with pytest.raises(ConfigError, match=r"'resnet_tiny' has no option\(s\) \['depth'\]"):
+        create_encoder("resnet_tiny", depth=2)
+    with pytest.raises(ConfigError, match="'timm:resnet18' has no option"):
+        create_encoder("timm:resnet18", empty=True, depht=3)
+    # options over the tiny ones; saved (without the controls) and rebuilt from the checkpoint
+    model = create_encoder("ssmamba_tiny", scan_backend="torch", depths=(1, 1, 2, 1))
+    assert model.arch_kwargs == {"depths": (1, 1, 2, 1)} and len(model.stages[2]) == 2
+    save_encoder(model, tmp_path / "e.pt")
+    again, _ = load_encoder(tmp_path / "e.pt", scan_backend="torch")
+    assert len(again.stages[2]) == 2
+
+
+def test_one_resolver_decides_what_encoder_means(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, ckpt = _tiny_checkpoint(tmp_path)
+    src = resolve_encoder_source(str(ckpt))
+    assert src == EncoderSource("checkpoint", str(ckpt), str(ckpt), path=ckpt)
+    assert src.label == "ssmamba" and src.source == str(ckpt.resolve()) and src.file == ckpt
+    w = tmp_path / "w.pth"
+    torch.save(create_encoder("resnet_tiny").state_dict(), w)
+    src = resolve_encoder_source("resnet_tiny", w, need_weights=True)
+    assert (src.kind, src.name, src.weights, src.label) == (
+        "registered",
+        "resnet_tiny",
+        w,
+        "resnet_tiny",
+    )
+    assert src.source == f"resnet_tiny:{w.resolve()}"
+    assert resolve_encoder_source("timm:resnet18").kind == "registered"
+    assert resolve_encoder_source("vit_tiny").weights is None  # random weights, where allowed
+    cases = [  # (text, weights, need_weights) -> error class, message
+        ("missing.pt", None, False, CheckpointError, "missing.pt does not exist"),
+        ("models/ssmamba", None, False, CheckpointError, "does not exist"),
+        (str(tmp_path), None, False, CheckpointError, "is a folder"),
+        ("no_such_arch", w, False, ConfigError, "neither a checkpoint file nor a registered"),
+        (str(ckpt), w, False, ConfigError, "already a checkpoint"),
+        ("resnet_tiny", None, True, ConfigError, "--weights FILE"),
+        (
+            "resnet_tiny",
+            tmp_path / "nope.pth",
+            False,
+            CheckpointError,
+            "nope.pth for encoder .resnet_tiny. does not exist",
+        ),
+        ("timm:hf-hub:MahmoodLab/UNI", None, False, ConfigError, "never downloads"),
+        ("timm:no_such_net", None, False, ConfigError, "no architecture"),
+        ("", None, False, ConfigError, "no encoder given"),
+    ]
+    for text, weights, need, cls, match in cases:
+        with pytest.raises(cls, match=match):
+            resolve_encoder_source(text, weights, need_weights=need)
+    # load_encoder resolves the same way (a timm name with a dot is not a file name)
+    with pytest.raises(ConfigError, match="already a checkpoint"):
+        load_encoder(ckpt, weights=w)
+    model, spec = load_encoder(resolve_encoder_source("resnet_tiny", w))
+    assert spec.weights_hash == load_encoder("resnet_tiny", weights=w)[1].weights_hash
+    # the default feature set name, without resolving
+    assert encoder_label("run/models/ssmamba_ft.pt") == "ssmamba_ft"
+    assert (
+        encoder_label("timm:vit_tiny_patch16_224.augreg_in21k")
+        == "timm:vit_tiny_patch16_224.augreg_in21k"
+    )
+    assert encoder_label("resnet50") == "resnet50"
+
+
 @pytest.mark.parametrize("name", list_encoders())
 def test_registry_contract(name, tmp_path):
     """Every registered encoder: spec sane, builds, forward to (B, embed_dim); tiny variants also
@@ -51,6 +199,13 @@ def test_registry_contract(name, tmp_path):
     spec = get_encoder_spec(name)
     assert spec.name == name and spec.input_px >= 32 and spec.mpp > 0 and spec.embed_dim > 0
     assert len(spec.mean) == 3 and len(spec.std) == 3 and min(spec.std) > 0
+    if name in BIG:  # built on the meta device: parameter count and output width only
+        model = create_encoder(name, empty=True)
+        n_params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(n_params_m - FOUNDATION_MODELS[name].params_m) < 0.01
+        y = model(torch.empty(1, 3, spec.input_px, spec.input_px, device="meta"))
+        assert y.shape == (1, spec.embed_dim)
+        return
     torch.manual_seed(0)
     model = create_encoder(name, scan_backend="torch")
     n_params_m = sum(p.numel() for p in model.parameters()) / 1e6
@@ -225,7 +380,7 @@ def test_encoders_accept_the_recommended_input_px(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in FULL if not n.endswith("_cpu")])
+@pytest.mark.parametrize("name", [n for n in FULL if not n.endswith("_cpu") and n not in BIG])
 def test_full_size_encoders_accept_the_recommended_input_px(name):
     model = create_encoder(name, scan_backend="torch").eval()
     with torch.no_grad():

@@ -15,7 +15,9 @@ import torch
 
 from wsi_pipe.encoders import create_encoder, get_encoder_spec, list_encoders
 
-FULL = list_encoders(tiny=False)
+#: the pathology foundation models (0.3-1.1 B parameters) have their own slow tests, at their
+#: real depth, against timm (test_timm_encoders.py)
+FULL = [n for n in list_encoders(tiny=False) if n not in list_encoders(family="foundation")]
 
 
 #: the published architectures, specified at 224 px (other full-size variants, e.g. CPU-sized

@@ -27,11 +27,11 @@ from wsi_pipe.cli.app import app
 from wsi_pipe.core.config import ExtractConfig, TileConfig
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import load_slide_table, save_slide_table
+from wsi_pipe.data.tile_dataset import TileDataset, TileSource, collate_tiles
 from wsi_pipe.encoders import checkpoint_hash, create_encoder, load_encoder, save_encoder
 from wsi_pipe.readers import open_slide
 from wsi_pipe.stages.extract import run_extract
 from wsi_pipe.stages.tile import run_tile
-from wsi_pipe.stages.tile_dataset import TileDataset, TileSource, collate_tiles
 from wsi_pipe.store import open_store
 from wsi_pipe.synth import blank_painter, write_pyramidal_tiff
 
@@ -438,7 +438,7 @@ def _worker_pids(pool) -> list[int]:
 
 def test_tile_pool_keeps_workers_across_slides_and_recovers_from_a_bad_one(wsi_dir, tmp_path):
     from wsi_pipe.core.errors import SlideReadError
-    from wsi_pipe.stages.tile_dataset import TilePool
+    from wsi_pipe.data.tile_dataset import TilePool
 
     ome = TileSource(
         "ome",

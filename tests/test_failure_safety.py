@@ -167,7 +167,7 @@ def pipeline_reference(tmp_path_factory: pytest.TempPathFactory, manifest: Path)
     """An uninterrupted run of every stage (in this process)."""
     import torch
 
-    from wsi_pipe.stages.pipeline import run_pipeline
+    from wsi_pipe.runner.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("pipe_ref") / "run"
     threads = torch.get_num_threads()

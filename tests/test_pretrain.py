@@ -59,7 +59,7 @@ def test_mamim_on_real_tiles_lowers_loss(tiled_run):
     cfg = small_cfg(workers=1)  # tiles are read by a DataLoader worker process
     r = pretrain(tiled_run, cfg, out, progress=False)
     losses = read_losses(output_paths(out)["loss_csv"])
-    assert len(losses) == 60 == r["steps"]
+    assert len(losses) == 60 == r.steps
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.8 * first, (
         f"reconstruction loss did not fall clearly: {first:.3f} -> {last:.3f}"
@@ -67,9 +67,9 @@ def test_mamim_on_real_tiles_lowers_loss(tiled_run):
     # tiles of both magnifications were sampled
     prov = read_provenance(out)
     assert prov["data"]["mpps"] == [0.5, 1.0] and prov["steps"] == 60 and prov["method"] == "MAMIM"
-    assert prov["data"]["tiles_sampled"] == r["n_tiles"] > 100
+    assert prov["data"]["tiles_sampled"] == r.n_tiles > 100
     model, spec = load_encoder(out)
-    assert spec.name == "ssmamba_tiny" and spec.weights_hash == r["content_hash"][:16]
+    assert spec.name == "ssmamba_tiny" and spec.weights_hash == r.content_hash[:16]
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 64)
     summary = json.loads(output_paths(out)["summary"].read_text())
@@ -95,7 +95,7 @@ def test_resume_continues_from_the_last_checkpoint(tiled_run, tmp_path, monkeypa
     before = read_losses(output_paths(out)["loss_csv"])
     assert len(before) == 8
     r = pretrain(tiled_run, cfg, out, resume=True, progress=False)
-    assert r["steps"] == 10 and out.exists() and not state.exists()
+    assert r.steps == 10 and out.exists() and not state.exists()
     after = read_losses(output_paths(out)["loss_csv"])
     assert len(after) == 10 and after[:8] == before
 
@@ -109,7 +109,7 @@ def test_resume_ignores_a_state_of_another_config(tiled_run, tmp_path, monkeypat
     monkeypatch.undo()
     other = small_cfg(steps_per_epoch=6, checkpoint_every=2, max_tiles=100, lr=1e-3)
     r = pretrain(tiled_run, other, out, resume=True, progress=False)
-    assert r["steps"] == 6 and "another arch/config" in caplog.text
+    assert r.steps == 6 and "another arch/config" in caplog.text
     assert len(read_losses(output_paths(out)["loss_csv"])) == 6
 
 

@@ -117,3 +117,50 @@ def test_bench_probe_runs_at_tiny_size(kather, tmp_path):
     # no slide is on both sides of a fold
     tests = [set(f["test_groups"]) for f in saved["folds"]]
     assert not tests[0] & tests[1]
+    # per-tile predictions are saved for every arm, with the source slide of each scored tile
+    npz = np.load(out.with_suffix(".predictions.npz"))
+    n_scored = sum(f["n_test_scored"] for f in saved["folds"])
+    assert npz["y"].shape == (n_scored,) and npz["group"].shape == (n_scored,)
+    assert {k for k in npz.files if k.startswith("prob/")} == {f"prob/{a}" for a, _ in bench.ARMS}
+    for m in saved["results"].values():
+        lo, hi = m["accuracy"]["ci_slides"]
+        assert math.isnan(lo) or 0 <= lo <= hi <= 1
+
+
+def test_group_bootstrap_resamples_whole_slides():
+    bench = _load_bench()
+    # slide a: 30 tiles all right, slide b: 10 tiles all wrong. Resampling whole slides gives only
+    # accuracies 1 (aa), 0.75 (ab/ba) and 0 (bb); a tile bootstrap would give values in between.
+    y = np.zeros(40, dtype=int)
+    prob = np.zeros((40, 2))
+    prob[:30, 0] = 1
+    prob[30:, 1] = 1
+    groups = np.array(["a"] * 30 + ["b"] * 10)
+    lo, hi = bench.group_bootstrap_ci(y, prob, groups, bench._acc, 400, seed=0)
+    assert lo == 0.0 and hi == 1.0
+    assert math.isnan(bench.group_bootstrap_ci(y, prob, np.array(["a"] * 40), bench._acc, 50, 0)[0])
+
+
+def test_bench_probe_train_then_test_folder(kather, tmp_path):
+    """`--test DIR`: train on all of --train, score on the other folder (here: two slides held out
+    by copying their tiles into a second ImageFolder)."""
+    import shutil
+
+    bench = _load_bench()
+    train, test = tmp_path / "train", tmp_path / "test"
+    for it in scan_image_folder(kather):
+        held = any(s in Path(it.path).name for s in ("CRC-Prim-HE-05", "CRC-Prim-HE-06"))
+        if it.label not in ("01_TUMOR", "02_STROMA", "04_LYMPHO"):
+            continue
+        dst = (test if held else train) / it.label
+        dst.mkdir(parents=True, exist_ok=True)
+        if len(list(dst.iterdir())) < 3:
+            shutil.copy(it.path, dst)
+    out = tmp_path / "probe_test.json"
+    report = bench.main(["--train", str(train), "--test", str(test), "--json", str(out), "--tiny",
+                         "--px", "32", "--n-boot", "10", "--threads", "2", "--arms", "classical,probes"])  # fmt: skip
+    assert report["scheme"].startswith("train on") and len(report["folds"]) == 1
+    assert report["folds"][0]["n_test_scored"] == 9 and report["folds"][0]["n_train"] == 9
+    probes = {f"{p}/{e}" for p in ("linear", "knn20") for e in ("random", "pretrained")}
+    assert set(report["results"]) == {"classical"} | probes  # no SFT arms were asked for
+    assert "ci_slides" not in report["results"]["classical"]["accuracy"]

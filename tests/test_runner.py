@@ -161,6 +161,33 @@ def test_failing_slide_recorded_batch_continues(tmp_path: Path) -> None:
     assert read_state(layout, "toy", "s02")["status"] == DONE
 
 
+def test_status_of_a_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`collect_status` and `wsi-pipe status` read the state files the runner wrote."""
+    from typer.testing import CliRunner
+
+    from wsi_pipe.cli.app import app
+    from wsi_pipe.runner.status import collect_status
+
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    proc = partial(_process, layout=layout, fail=frozenset({"s02"}))
+    run_slides("toy", ITEMS, proc, layout, is_done=partial(_is_done, layout=layout), progress=False)
+
+    st = collect_status(layout.root)
+    assert [g.stage for g in st.stages] == ["toy"] and st.n_failed == 1
+    toy = st.stages[0]
+    assert toy.failed == ("s02",) and len(toy.done) == len(ITEMS) - 1 and toy.n_slides == len(ITEMS)
+    assert toy.failures[0].slide_id == "s02"
+    assert toy.failures[0].error.startswith("OSError: cannot read slide s02")
+
+    # the command: exit 1 while a slide is failed; RUN_DIR found upwards like other commands
+    layout.marker.touch()
+    monkeypatch.chdir(layout.root)
+    res = CliRunner().invoke(app, ["-q", "status"])
+    assert res.exit_code == 1, res.output
+    assert "failed toy s02: OSError: cannot read slide s02" in " ".join(res.output.split())
+
+
 def test_workers_processes_share_lock_code(tmp_path: Path) -> None:
     layout = RunLayout(tmp_path)
     proc = partial(_process, layout=layout, fail=frozenset({"s04"}))

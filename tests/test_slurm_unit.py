@@ -1,6 +1,8 @@
-"""Unit tests of `wsi_pipe.runner.slurm` that need no cluster: script rendering (and running the
-rendered script under bash with a stand-in interpreter), `OMP_NUM_THREADS`, `parse_scontrol`,
-dependency options, `sbatch` calls through a fake `sbatch` on PATH, and array sizing.
+"""Unit tests of `wsi_pipe.runner.slurm` and `wsi_pipe.runner.plan` that need no cluster: script
+rendering (and running the rendered script under bash with a stand-in interpreter),
+`OMP_NUM_THREADS`, `parse_scontrol`, dependency options, `sbatch` calls through a fake `sbatch` on
+PATH, array sizing, and `wsi-pipe submit` without `--slurm` (the stage command line parsed by the
+stage itself, its run folder, extract's torch threads).
 
 The integration tests on a real single-node cluster are in test_slurm.py.
 """
@@ -332,14 +334,14 @@ def test_slurm_plan_array_size(
     tmp_path: Path, n_slides: int, array_size: int | None, expect: int
 ) -> None:
     from wsi_pipe.core.config import RunConfig
-    from wsi_pipe.stages.pipeline import slurm_plan
+    from wsi_pipe.runner.plan import slurm_plan
 
     man = tmp_path / "slides.csv"
     man.write_text(
         "slide_id,path\n" + "".join(f"s{i:03d},{tmp_path}/s{i:03d}.svs\n" for i in range(n_slides))
     )
     cfg = RunConfig(slides=(str(man),), out=str(tmp_path / "run"))
-    plan = slurm_plan(cfg, array_size=array_size)
+    plan = slurm_plan(cfg, array_size=array_size).stages
     assert [(p.stage, p.array, p.array_size) for p in plan] == [("tile", True, expect)]
     text = sl.render_script(
         sl.JobSpec(plan[0].stage, plan[0].argv, plan[0].array_size), RunLayout(cfg.out), stamp=STAMP
@@ -363,6 +365,101 @@ def test_array_tasks_cover_every_slide_once(monkeypatch: pytest.MonkeyPatch, n_t
         monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
         seen += [it.slide_id for it in shard_items(items, shard_from_env())]
     assert sorted(seen) == sorted(it.slide_id for it in items) and len(seen) == len(items)
+
+
+# ------------------------------------------------------------- `wsi-pipe submit` (no --slurm)
+def _submit(*args: str) -> tuple[int, str]:
+    """`wsi-pipe -q submit ARGS` in this process; scripts are written, nothing is queued."""
+    from typer.testing import CliRunner
+
+    from wsi_pipe.cli.app import app
+
+    res = CliRunner().invoke(app, ["-q", "submit", *args])
+    return res.exit_code, res.output
+
+
+def _job_argv(layout: RunLayout, stage: str) -> list[str]:
+    """The wsi-pipe arguments of the one script `submit` wrote for `stage` into the run."""
+    scripts = sorted(layout.slurm_dir.glob(f"{stage}-*.sbatch"))
+    assert len(scripts) == 1, scripts
+    line = next(ln for ln in scripts[0].read_text().splitlines() if "wsi_pipe.cli.app" in ln)
+    argv = shlex.split(line)
+    return argv[argv.index("wsi_pipe.cli.app") + 1 :]
+
+
+def test_task_threads_one_rule() -> None:
+    from wsi_pipe.runner.plan import task_threads
+
+    assert task_threads(6, 3) == 6  # configured wins
+    assert task_threads(None, 3) == 3  # else the task's CPUs
+    assert task_threads(None, None) == 1  # never the node's cores
+
+
+@pytest.mark.parametrize(
+    ("stage_args", "config_threads", "expect_added"),
+    [
+        ((), None, "3"),  # nothing set: the task's CPUs (--cpus 3)
+        (("--threads", "2"), None, None),  # set on the command line: kept as given
+        ((), 5, None),  # set in the config file: the stage reads it
+    ],
+)
+def test_submit_extract_threads(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stage_args: tuple[str, ...],
+    config_threads: int | None,
+    expect_added: str | None,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    extra: tuple[str, ...] = ()
+    if config_threads is not None:
+        (tmp_path / "e.yaml").write_text(f"encoder: ssmamba_tiny\nthreads: {config_threads}\n")
+        extra = ("--config", "e.yaml")
+    code, out = _submit("extract", "run", "--encoder", "enc.pt", *stage_args, *extra, "--cpus", "3")
+    assert code == 0, out
+    argv = _job_argv(RunLayout(tmp_path / "run"), "extract")
+    assert argv[:4] == ["extract", "run", "--encoder", "enc.pt"]  # the stage's arguments, as given
+    if expect_added is None:
+        assert argv.count("--threads") == len(stage_args) // 2
+    else:
+        assert argv[-2:] == ["--threads", expect_added]
+
+
+def test_submit_finds_the_run_folder_like_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tile: its --out, by default the current folder (not the first slide argument)
+    monkeypatch.chdir(tmp_path)
+    code, out = _submit("tile", "slides/", "--mpp", "0.5", "--array-size", "3")
+    assert code == 0, out
+    assert _job_argv(RunLayout(tmp_path), "tile") == ["tile", "slides/", "--mpp", "0.5"]
+    assert not (tmp_path / "slides").exists()
+    # train-mil without RUN_DIR inside a run's subfolder: the run found upwards, as the stage does
+    run = tmp_path / "proj"
+    RunLayout(run).marker.parent.mkdir(parents=True)
+    RunLayout(run).marker.touch()
+    (run / "sub").mkdir()
+    monkeypatch.chdir(run / "sub")
+    code, out = _submit("train-mil", "--method", "abmil")
+    assert code == 0, out
+    assert _job_argv(RunLayout(run), "train-mil") == ["train-mil", "--method", "abmil"]
+    assert "slide count unknown" not in out  # a single job has no array to size
+
+
+def test_submit_checks_the_stage_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = _submit("extract", "run", "--encoder", "enc.pt", "--no-such-option", "1")
+    assert code == 2 and "--no-such-option" in out, out
+    code, out = _submit("status", "run")
+    assert code == 2 and "unknown stage" in out, out
+    code, out = _submit("all")
+    assert code == 2 and "--config" in out, out
+    (tmp_path / "bad.yaml").write_text("encoder: x\nno_such_key: 1\n")
+    code, out = _submit("extract", "run", "--config", "bad.yaml")
+    assert code == 2 and "no_such_key" in out, out
+    assert not (tmp_path / "run").exists()  # nothing written for a command line that would fail
 
 
 # ------------------------------------------------------------------ CI must not skip Slurm

@@ -124,3 +124,26 @@ def test_foreign_file_is_a_clear_error(tmp_path):
     p.write_bytes(b"garbage" * 10)
     with pytest.raises(StoreSchemaError, match="not a readable HDF5"):
         open_store(p)
+
+
+def test_grid_attrs_round_trip_and_missing_attrs(tmp_path):
+    from wsi_pipe.store import create_store, open_store, schema
+    from wsi_pipe.store.schema import GridAttrs
+
+    grid = GridAttrs(
+        "s1", "/slides/s1.svs", "openslide", 0.2508, 0.5, 224, 1, 112, 447, 0, 9000, 7000
+    )
+    for backend in ("h5", "zarr"):
+        path = tmp_path / f"s1.{backend}"
+        with create_store(path) as w:
+            w.put(schema.COORDS, np.zeros((3, 2), np.int64))
+            w.put(schema.TISSUE_FRACTION, np.ones(3, np.float32))
+            w.put(schema.PARENT_INDEX, -np.ones(3, np.int64))
+            w.set_attrs({"kind": schema.KIND_COORDS, **grid.to_attrs(), "extra": 1})
+        with open_store(path) as r:
+            back = GridAttrs.from_attrs(r.attrs, str(path))
+        assert back == grid and isinstance(back.level0_mpp, float) and back.read_level == 1
+    with pytest.raises(StoreSchemaError, match=r"x.h5 lacks root attributes \['read_size_px'\]"):
+        GridAttrs.from_attrs(
+            {k: v for k, v in grid.to_attrs().items() if k != "read_size_px"}, "x.h5"
+        )

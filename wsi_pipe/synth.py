@@ -19,21 +19,31 @@ and rectangles (minus holes) on white; `ShapePainter.tissue_mask` gives the exac
 scale. Textures: `HETexture` (procedural pink/purple, H&E-like) and `IHCTexture` (real histology
 from `skimage.data.immunohistochemistry()`, variant "A" = the IHC image as is, variant "B" = the
 same tissue re-stained H&E-like by colour deconvolution and shown at 2x scale) for two-class demos.
+
+`build_cohort` writes a seeded two-class cohort of such slides plus its labelled manifest (what
+`wsi-pipe demo` and the CLI tests run on): "normal" slides hold tissue with texture "A" only,
+"tumour" slides the same tissue with one or two regions of texture "B" (`cohort_slide_recipe`
+gives each slide's shapes, the ground truth of where the tumour is).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
 
-from wsi_pipe.core.fsutil import atomic_path
+from wsi_pipe.core.fsutil import atomic_path, atomic_write_text
 from wsi_pipe.core.units import magnification_label
+
+log = logging.getLogger(__name__)
 
 Painter = Callable[[float, float, int, int, float], np.ndarray]
 
@@ -172,7 +182,7 @@ class IHCTexture:
         self.scale = float(scale)
         tile = np.concatenate([img, img[:, ::-1]], axis=1)
         tile = np.concatenate([tile, tile[::-1]], axis=0)  # mirrored: seamless when repeated
-        self._mips = [tile.astype(np.float32)]
+        self._mips: list[np.ndarray] = [tile.astype(np.float32)]  # float32 (h, w, 3) levels
         while self._mips[-1].shape[0] > 1:
             m = self._mips[-1]
             self._mips.append(
@@ -248,7 +258,7 @@ class ShapePainter:
         cover = np.clip(d / max(ds, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
         if not cover.any():
             return np.full((h, w, 3), self.background.astype(np.uint8), np.uint8)
-        colour = np.asarray(self.texture(xs, ys, ds), np.float32)
+        colour: np.ndarray = np.asarray(self.texture(xs, ys, ds), np.float32)
         for shape, tex in self.regions:
             rc = np.clip(shape.sdf(xs, ys) / max(ds, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
             if rc.any():
@@ -284,9 +294,9 @@ def TexturePainter(
     """Tissue in `shapes` with real IHC texture of `variant`; `regions` get another variant."""
     textures: dict[str, IHCTexture] = {}
 
-    def tex(v: str) -> IHCTexture:
+    def tex(v: Literal["A", "B"]) -> IHCTexture:
         if v not in textures:
-            textures[v] = IHCTexture(v, scale)  # type: ignore[arg-type]
+            textures[v] = IHCTexture(v, scale)
         return textures[v]
 
     return ShapePainter(shapes, tex(variant), regions=[(s, tex(v)) for s, v in regions])
@@ -374,7 +384,7 @@ def write_pyramidal_tiff(
             f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] "
             f"({tile}x{tile}) JPEG/RGB Q={jpeg_quality}|AppMag = {mag_s}|MPP = {mpp:g}"
         )
-    common = dict(
+    common: dict[str, Any] = dict(
         photometric="rgb",
         compression="jpeg",
         compressionargs={"level": int(jpeg_quality)},
@@ -394,7 +404,7 @@ def write_pyramidal_tiff(
                 # real SVS files (and tifffile's SVS parser) mark no level as reduced
                 subfiletype=1 if k > 0 and vendor == "generic" else 0,
                 description=desc,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
             if k == 0 and vendor == "aperio":
                 t_ds = max(1.0, max(width, height) / float(thumbnail_px))
@@ -405,7 +415,7 @@ def write_pyramidal_tiff(
                     rowsperstrip=16,
                     resolution=(1e4 / (mpp * width / t_w),) * 2,
                     description=desc,
-                    **common,  # type: ignore[arg-type]
+                    **common,
                 )
     return SyntheticSlideInfo(path, float(mpp), dims, dss, vendor)
 
@@ -421,7 +431,12 @@ def load_patches(folder: str | Path, limit: int | None = None) -> list[np.ndarra
         if suf in (".tif", ".tiff"):
             img = np.asarray(tifffile.imread(p))
         elif suf in (".png", ".jpg", ".jpeg"):
-            img = cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ValueError(
+                    f"{p}: OpenCV cannot decode this image; re-save it or remove it from {folder}"
+                )
+            img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         else:
             continue
         if img.ndim == 2:
@@ -577,8 +592,11 @@ class CompositePainter:
             a = np.clip(sd / max(ds, 1.0) + 0.5, 0.0, 1.0).astype(np.float32)[..., None]
             if not a.any():
                 continue
+            new: np.ndarray  # (h, w, 3) colour of the insertion
             if ins.kind == "tissue":
-                new = np.asarray(ins.texture(xs, ys, ds), np.float32)  # type: ignore[misc]
+                texture = ins.texture
+                assert texture is not None
+                new = np.asarray(texture(xs, ys, ds), np.float32)
             elif ins.kind == "blur":
                 sig = max(0.5, ins.sigma_l0 / ds)
                 m = int(math.ceil(3 * sig))
@@ -628,7 +646,7 @@ def shape_polygon(shape: Shape, n_vertices: int = 64) -> np.ndarray:
 def insertions_geojson(insertions: Sequence[Insertion], slide_id: str) -> dict:
     """QuPath GeoJSON FeatureCollection of the insertions (class = insertion kind or label).
     The polygons are the insertion shapes; tissue clipping is left to the tile labelling."""
-    feats = []
+    feats: list[dict[str, Any]] = []
     for ins in insertions:
         feats.append(
             {
@@ -642,3 +660,99 @@ def insertions_geojson(insertions: Sequence[Insertion], slide_id: str) -> dict:
             }
         )
     return {"type": "FeatureCollection", "features": feats}
+
+
+# ---------------------------------------------------------------------------- two-class cohort
+#: labels of the synthetic cohort; slide i gets COHORT_CLASSES[i % 2]
+COHORT_CLASSES = ("normal", "tumour")
+#: level-0 um/px of every cohort slide
+COHORT_MPP = 0.5
+
+#: one slide's shapes, level-0 px: {"tissue": [("disc", (cx, cy, r)) | ("rect", (x0, y0, x1, y1))],
+#: "regions": [(cx, cy, r)]} (the tumour discs; empty on a normal slide)
+CohortShapes = dict[str, list[Any]]
+
+
+def cohort_slide_recipe(index: int, size_px: int, seed: int) -> tuple[str, str, CohortShapes]:
+    """(slide id, label, shapes) of cohort slide `index` on a `size_px` square (level-0 px).
+
+    1. The label alternates: COHORT_CLASSES[index % 2].
+    2. Tissue: a disc of radius 0.28-0.36 x size near the centre, plus a second piece elsewhere
+       on the glass (a vertical strip or a small disc), drawn from a generator seeded by
+       (seed, index) so every slide is reproducible on its own.
+    3. Tumour slides get one or two discs of radius 0.3-0.45 x r inside the main disc.
+    """
+    rng = random.Random(seed * 1_000_003 + index)
+    label = COHORT_CLASSES[index % 2]
+    s = float(size_px)
+    cx, cy = rng.uniform(0.4, 0.6) * s, rng.uniform(0.4, 0.6) * s
+    r = rng.uniform(0.28, 0.36) * s
+    tissue: list[Any] = [("disc", (cx, cy, r))]
+    # a second piece: a strip or a smaller disc, somewhere else on the glass
+    if rng.random() < 0.5:
+        x0 = rng.uniform(0.05, 0.15) * s
+        tissue.append(("rect", (x0, 0.1 * s, x0 + rng.uniform(0.12, 0.2) * s, 0.9 * s)))
+    else:
+        tissue.append(
+            (
+                "disc",
+                (
+                    rng.uniform(0.75, 0.85) * s,
+                    rng.uniform(0.15, 0.85) * s,
+                    rng.uniform(0.08, 0.12) * s,
+                ),
+            )
+        )
+    regions = []
+    if label == "tumour":
+        for _ in range(rng.choice((1, 2))):
+            ang, dist = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.45) * r
+            regions.append(
+                (cx + dist * math.cos(ang), cy + dist * math.sin(ang), rng.uniform(0.3, 0.45) * r)
+            )
+    sid = f"demo_{index:03d}_{label}"
+    return sid, label, {"tissue": tissue, "regions": regions}
+
+
+def _write_cohort_slide(path: str, size_px: int, shapes: CohortShapes) -> str:
+    """One cohort slide: texture "A" in the tissue, "B" in the tumour regions, 3 levels."""
+    tissue = [Disc(*a) if kind == "disc" else Rect(*a) for kind, a in shapes["tissue"]]
+    painter = TexturePainter(tissue, "A", 1.0, regions=[(Disc(*d), "B") for d in shapes["regions"]])
+    write_pyramidal_tiff(path, size_px, size_px, COHORT_MPP, levels=3, painter=painter)
+    return path
+
+
+def build_cohort(
+    folder: str | Path, n_slides: int = 8, size_px: int = 4096, seed: int = 0, workers: int = 1
+) -> Path:
+    """Write `n_slides` synthetic slides (`size_px` square, level-0 px) and a labelled manifest
+    into `folder`; slides already there are kept. Returns the manifest path.
+
+    1. Each slide's recipe comes from `cohort_slide_recipe(i, size_px, seed)`.
+    2. Slides missing from `folder` are written (in `workers` processes when > 1).
+    3. `folder/manifest.csv` (slide_id, path relative to the folder, patient_id, label) is written
+       atomically; one patient per slide.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    recipes = [cohort_slide_recipe(i, size_px, seed) for i in range(n_slides)]
+    todo = [
+        (str(folder / f"{sid}.tiff"), size_px, shapes)
+        for sid, _, shapes in recipes
+        if not (folder / f"{sid}.tiff").exists()
+    ]
+    if todo:
+        log.info(
+            "writing %d synthetic slides of %d x %d px into %s", len(todo), size_px, size_px, folder
+        )
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(_write_cohort_slide, *zip(*todo, strict=True)))
+        else:
+            for args in todo:
+                _write_cohort_slide(*args)
+    rows = ["slide_id,path,patient_id,label"]
+    rows += [f"{sid},{sid}.tiff,patient_{sid[5:8]},{label}" for sid, label, _ in recipes]
+    manifest = folder / "manifest.csv"
+    atomic_write_text(manifest, "\n".join(rows) + "\n")
+    return manifest

@@ -21,7 +21,7 @@ import numpy as np
 from wsi_pipe.anomaly.grid import grid_cells
 from wsi_pipe.core.errors import ConfigError, EmptyInputError, StoreSchemaError
 from wsi_pipe.core.layout import RunLayout
-from wsi_pipe.core.manifest import SlideEntry
+from wsi_pipe.core.manifest import SlideEntry, resolve_slide_path
 from wsi_pipe.store import open_store, schema
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def resolve_feature_set(
         name = sets[0]
     if name not in sets:
         raise StoreSchemaError(
-            f"feature set {name!r} is missing in {layout.root / 'features'} "
+            f"feature set {name!r} is missing in {layout.features_root} "
             f"(found: {', '.join(sets) or 'none'}): run `wsi-pipe extract {layout.root} --name {name} ...` "
             "or pass --features with one of those"
         )
@@ -180,7 +180,10 @@ def load_slide_grid(
         stride_l0=stride_l0,
         tile_size_l0=tile_l0,
         scale_dims=[f.shape[1] for f in feats],
-        slide_path=entry.path or attrs.get("slide_path"),
+        slide_path=resolve_slide_path(
+            entry.slide_id, entry.path, attrs.get("slide_path"), fix="", must_exist=False
+        )
+        or None,
         label=label,
         attrs=attrs,
         coords_attrs=coords_attrs,

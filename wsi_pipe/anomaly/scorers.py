@@ -236,9 +236,9 @@ class SPMambaScorer(Scorer):
                     r = self.net(feats, mask_d, side, perms, inv, hide=hide)["recon"]
                     recon = torch.where(hide[None], r, recon)
             parts = torch.cat([recon.permute(1, 2, 0), res["proto"][..., None]], dim=-1)
-            parts = parts.double().cpu().numpy()  # (b, L, P)
+            parts_np = parts.double().cpu().numpy()  # (b, L, P)
             take = mask.numpy() & core[None, :]
-            out[widx[s : s + SCORE_BATCH][take]] = parts[take]
+            out[widx[s : s + SCORE_BATCH][take]] = parts_np[take]
         if np.isnan(out).any():  # every tissue cell lies in exactly one window core
             raise RuntimeError(f"slide {grid.slide_id}: some tiles got no score (window plan bug)")
         return out
@@ -341,7 +341,7 @@ def fit_spmamba(
     key = cfg.config_hash()
     if resume_path is not None and resume_path.exists():
         try:
-            ck = torch.load(resume_path, map_location=device, weights_only=False)
+            ck = torch.load(resume_path, map_location=device, weights_only=True)
             if ck.get("config_hash") == key:
                 net.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["opt"])

@@ -22,8 +22,11 @@ _COMMAND_MODULES = (
     "extract_cmd",
     "mil_cmd",
     "cluster_cmd",
+    "run_cmd",
+    "demo_cmd",
     "anomaly_cmd",
     "report_cmd",
+    "list_cmd",
 )
 
 

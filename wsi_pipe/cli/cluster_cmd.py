@@ -1,59 +1,75 @@
-"""`wsi-pipe submit` (Slurm job arrays), `wsi-pipe status`, `wsi-pipe run` and `wsi-pipe demo`."""
+"""`wsi-pipe submit` (Slurm job arrays and chains) and `wsi-pipe status` (where a run stands).
+
+`submit STAGE ARGS...` hands ARGS to the stage command unchanged, but first parses them with that
+command's own typed parameters (so a mistyped option fails here, not on the cluster) to learn
+the stage's run folder and config; the plan (array size, `--threads`) is `runner.plan`'s.
+"""
 
 from __future__ import annotations
 
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
-from wsi_pipe.cli.common import console, err_console, fail, run_guarded
+from wsi_pipe.cli.common import console, err_console, fail, resolve_run_dir, run_guarded
 
 #: commands that are not stages and cannot be submitted
 _NOT_STAGES = {"submit", "status", "run", "demo"}
-#: stage commands whose `--config` is validated at submit time (before anything is queued)
-_STAGE_CONFIG = {
-    "tile": "TileConfig",
-    "extract": "ExtractConfig",
-    "pretrain": "PretrainConfig",
-    "train-mil": "MilConfig",
-    "finetune": "FinetuneConfig",
-}
+#: the parameter of a stage command that names its run folder, where it is not `run_dir`
+_RUN_DIR_PARAM = {"tile": "out"}
 
 
-def _option_value(args: list[str], *names: str) -> str | None:
-    """Value of `--name VALUE` or `--name=VALUE` in a raw argument list (last one wins)."""
-    value = None
-    for i, a in enumerate(args):
-        for n in names:
-            if a == n and i + 1 < len(args):
-                value = args[i + 1]
-            elif n.startswith("--") and a.startswith(n + "="):
-                value = a.split("=", 1)[1]
-    return value
+def _stage_commands(ctx: typer.Context) -> dict[str, Any]:
+    """The registered wsi-pipe commands that `submit` can queue (not groups, not _NOT_STAGES)."""
+    root = ctx.find_root()
+    group = root.command
+    assert isinstance(group, TyperGroup)
+    found = {}
+    for name in group.list_commands(root):
+        cmd = group.get_command(root, name)
+        if cmd is not None and name not in _NOT_STAGES and not isinstance(cmd, TyperGroup):
+            found[name] = cmd
+    return found
 
 
-def _guess_run_dir(args: list[str]) -> Path | None:
-    """The run folder of a stage command line: `--out`/`-o`, else its first positional."""
-    out = _option_value(args, "--out", "-o")
-    if out:
-        return Path(out)
-    for a in args:
-        if not a.startswith("-"):
-            return Path(a)
-    return None
+@dataclass(frozen=True)
+class StageCommandLine:
+    """A stage command line as the stage itself parses it: what `submit` needs to plan its job."""
+
+    stage: str
+    args: tuple[str, ...]  # handed to the job unchanged
+    run_dir: Path | None  # the stage's RUN_DIR (tile: --out, default "."); None: not given
+    config: Path | None  # its --config file
+    threads: int | None  # its --threads (extract), None: not given
 
 
-def _count_slides(run_dir: Path) -> int | None:
-    from wsi_pipe.core.layout import RunLayout
-    from wsi_pipe.core.manifest import load_slide_table
-
-    layout = RunLayout(run_dir)
-    if not layout.slides_table.exists():
-        return None
+def parse_stage_args(ctx: typer.Context, stage: str, args: tuple[str, ...]) -> StageCommandLine:
+    """`wsi-pipe STAGE ARGS...` parsed by that command's own typed parameters (defaults filled
+    in), without running it. Exits with the stage's own usage error."""
+    commands = _stage_commands(ctx)
+    if stage not in commands:
+        fail(f"unknown stage {stage!r}; submit one of: {', '.join(sorted(commands))}, all")
+    line = shlex.join((stage, *args))
     try:
-        return len(load_slide_table(layout.slides_table))
-    except Exception:
-        return None
+        params = commands[stage].make_context(stage, list(args), parent=ctx.find_root()).params
+    except typer.TyperException as e:  # the stage's usage error (no such option, bad value)
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        fail(f"`{line}`: {msg} (see `wsi-pipe {stage} --help`)")
+    except typer.Exit:  # a command that shows its help when given no arguments
+        fail(f"`{line}`: the stage needs its arguments (see `wsi-pipe {stage} --help`)")
+    run_dir = params.get(_RUN_DIR_PARAM.get(stage, "run_dir"))
+    config = params.get("config")
+    return StageCommandLine(
+        stage,
+        args,
+        Path(run_dir) if run_dir is not None else None,
+        Path(config) if config is not None else None,
+        params.get("threads"),
+    )
 
 
 def _print_wait(jobs: list, timeout_s: float) -> bool:  # type: ignore[type-arg]
@@ -90,6 +106,13 @@ def register(app: typer.Typer) -> None:
             help="a stage command (tile, extract, pretrain, train-mil, heatmap, ...) or `all`; "
             "everything after it that submit does not know goes to that command",
         ),
+        config: Path | None = typer.Option(
+            None,
+            "--config",
+            "-c",
+            help="with `all`: the RunConfig YAML (required); with a stage: that stage's config "
+            "file, checked now and passed on to it",
+        ),
         slurm: bool = typer.Option(
             False,
             "--slurm",
@@ -125,7 +148,9 @@ def register(app: typer.Typer) -> None:
         run_dir: Path | None = typer.Option(
             None,
             "--run-dir",
-            help="run folder for the script and logs (default: the stage's --out or RUN_DIR)",
+            help="run folder for the script and logs (default: the stage's run folder, found "
+            "like the stage finds it: tile's --out, else its RUN_DIR or the run holding the "
+            "current folder; with `all`: the config's `out`)",
         ),
         wait: bool = typer.Option(
             False, "--wait", help="poll until the jobs finish; exit 1 if a task failed"
@@ -141,78 +166,69 @@ def register(app: typer.Typer) -> None:
           wsi-pipe submit extract run --encoder run/models/ssmamba.pt --slurm --gres gpu:1
           wsi-pipe submit all --config configs/example.yaml --slurm --gres gpu:1
         """
-        from wsi_pipe.core.layout import RunLayout
+        from wsi_pipe.runner import plan as pl
         from wsi_pipe.runner import slurm as sl
 
-        args = list(ctx.args)
-        res = sl.SlurmResources(
-            partition=partition, gres=gres, cpus=cpus, mem=mem, time=time_limit, account=account
-        )
-        deps = tuple(after or ())
+        args = tuple(ctx.args)
         if stage == "all":
-            from wsi_pipe.stages.pipeline import load_run_config, slurm_plan
+            from wsi_pipe.runner.run_config import load_run_config
 
-            cfg_path = _option_value(args, "--config", "-c")
-            if cfg_path is None:
+            if config is None:
                 fail(
                     "`submit all` needs --config RUN.yaml (a RunConfig, like configs/example.yaml)"
                 )
-            cfg = run_guarded(load_run_config, cfg_path)
-            plan = run_guarded(slurm_plan, cfg, array_size=array_size, cpus_per_task=cpus)
-            layout = RunLayout(run_dir or cfg.out)
-            specs = [
-                sl.JobSpec(
-                    p.stage,
-                    p.argv,
-                    p.array_size if p.array else None,
-                    max_parallel,
-                    res if p.gpu else sl.SlurmResources(**{**res.__dict__, "gres": None}),
-                    tolerate_slide_failures=tolerate_failures,
+            if args:
+                fail(
+                    f"`submit all` takes no stage arguments (they come from {config}): "
+                    f"{shlex.join(args)}"
                 )
-                for p in plan
-            ]
+            cfg = run_guarded(load_run_config, config)
+            plan = run_guarded(
+                pl.slurm_plan, cfg, array_size=array_size, cpus_per_task=cpus, run_dir=run_dir
+            )
         else:
-            known = {c.name for c in app.registered_commands if c.name} - _NOT_STAGES
-            if stage not in known:
-                fail(f"unknown stage {stage!r}; submit one of: {', '.join(sorted(known))}, all")
-            cfg_path = _option_value(args, "--config", "-c")
-            stage_cfg = None
-            if cfg_path is not None and stage in _STAGE_CONFIG:
-                from wsi_pipe.core import config as cfgmod
-
-                stage_cfg = run_guarded(
-                    cfgmod.load_config, getattr(cfgmod, _STAGE_CONFIG[stage]), cfg_path
+            if config is not None:
+                args = (*args, "--config", str(config))
+            line = parse_stage_args(ctx, stage, args)
+            stage_cfg = (
+                run_guarded(pl.load_stage_config, stage, line.config)
+                if line.config is not None
+                else None
+            )
+            threads = line.threads
+            if threads is None:
+                threads = getattr(stage_cfg, "threads", None)
+            plan = run_guarded(
+                pl.stage_plan,
+                stage,
+                args,
+                # the run folder as the stage finds it: its RUN_DIR, else the run holding "."
+                run_dir or resolve_run_dir(line.run_dir),
+                configured_threads=threads,
+                cpus_per_task=cpus,
+                array_size=array_size,
+            )
+            if array_size is None and plan.array_size_guessed:
+                err_console.print(
+                    f"[yellow]note:[/] slide count unknown: {plan.stages[0].array_size} array "
+                    "tasks (set --array-size)"
                 )
-            rd = run_dir or _guess_run_dir(args)
-            if rd is None:
-                fail(f"cannot tell the run folder from `{stage} {' '.join(args)}`: give --run-dir")
-            layout = RunLayout(rd)
-            n = array_size
-            if n is None:
-                n_slides = _count_slides(rd)
-                n = min(n_slides, 100) if n_slides else 10
-                if not n_slides:
-                    err_console.print(
-                        f"[yellow]note:[/] slide count unknown: {n} array tasks (set --array-size)"
-                    )
-            per_slide = stage in ("tile", "extract")
-            if (
-                stage == "extract"
-                and _option_value(args, "--threads") is None
-                and getattr(stage_cfg, "threads", None) is None
-            ):
-                # torch threads = the CPUs of one task, not the node's cores (tasks share a node)
-                args += ["--threads", str(cpus or 1)]
-            specs = [
-                sl.JobSpec(
-                    stage,
-                    (stage, *args),
-                    max(1, n) if per_slide else None,
-                    max_parallel,
-                    res,
-                    tolerate_slide_failures=tolerate_failures,
-                )
-            ]
+        res = sl.SlurmResources(
+            partition=partition, gres=gres, cpus=cpus, mem=mem, time=time_limit, account=account
+        )
+        no_gpu = sl.SlurmResources(**{**res.__dict__, "gres": None})
+        specs = [
+            sl.JobSpec(
+                p.stage,
+                p.argv,
+                p.array_size if p.array else None,
+                max_parallel,
+                res if p.gpu else no_gpu,
+                tolerate_slide_failures=tolerate_failures,
+            )
+            for p in plan.stages
+        ]
+        layout = plan.run
         if not slurm:
             for spec in specs:
                 path = sl.write_script(spec, layout)
@@ -223,7 +239,7 @@ def register(app: typer.Typer) -> None:
                 + (" (each stage waits for the one before, afterok)" if len(specs) > 1 else "")
             )
             return
-        jobs = run_guarded(sl.submit_chain, specs, layout, deps)
+        jobs = run_guarded(sl.submit_chain, specs, layout, tuple(after or ()))
         for j in jobs:
             size = f"array of {j.array_size}" if j.array_size else "single job"
             dep = f", after {':'.join(j.after_ok)}" if j.after_ok else ""
@@ -235,7 +251,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("status")
     def status(
-        run_dir: Path = typer.Argument(..., help="run folder"),
+        run_dir: Path | None = typer.Argument(
+            None, help="run folder (default: the run holding the current folder)"
+        ),
         show_failed: int = typer.Option(
             20, "--show-failed", help="list up to this many failed slides"
         ),
@@ -246,128 +264,49 @@ def register(app: typer.Typer) -> None:
         """
         from rich.table import Table
 
-        from wsi_pipe.stages.pipeline import collect_status, slurm_job_summary
+        from wsi_pipe.core.layout import RunLayout
+        from wsi_pipe.runner.status import collect_status, slurm_jobs
 
+        run_dir = resolve_run_dir(run_dir)
         if not run_dir.is_dir():
             fail(f"{run_dir} is not a run folder")
         st = run_guarded(collect_status, run_dir)
         t = Table(title=f"wsi-pipe status {run_dir}")
         for col in ("stage", "done", "failed", "running", "pending", "slides"):
             t.add_column(col, justify="left" if col == "stage" else "right")
-        for stage, g in st.stages.items():
+        for g in st.stages:
             t.add_row(
-                stage,
-                f"[green]{len(g['done'])}[/]",
-                f"[red]{len(g['failed'])}[/]",
-                f"[yellow]{len(g['running'])}[/]",
-                str(len(g["pending"])),
-                str(sum(len(v) for v in g.values())),
+                g.stage,
+                f"[green]{len(g.done)}[/]",
+                f"[red]{len(g.failed)}[/]",
+                f"[yellow]{len(g.running)}[/]",
+                str(len(g.pending)),
+                str(g.n_slides),
             )
         console.print(t if st.stages else "no per-slide stage has run in this folder yet")
-        for name, path in st.artifacts.items():
+        for name, path in st.artifacts:
             console.print(f"{name}: {path}")
         shown = 0
-        for stage, rows in st.failures.items():
-            for sid, err in rows:
+        for g in st.stages:
+            for f in g.failures:
                 if shown < show_failed:
-                    console.print(f"[red]failed[/] {stage} {sid}: {err}", highlight=False)
+                    console.print(
+                        f"[red]failed[/] {g.stage} {f.slide_id}: {f.error}", highlight=False
+                    )
                 shown += 1
         if shown > show_failed:
-            console.print(f"... and {shown - show_failed} more failed (see {run_dir / 'state'})")
-        for line in slurm_job_summary(run_dir):
-            console.print(line, highlight=False)
+            console.print(
+                f"... and {shown - show_failed} more failed (see {RunLayout(run_dir).state_root})"
+            )
+        for j in slurm_jobs(run_dir):
+            size = f"array of {j.array_size}" if j.array_size else "single job"
+            if j.task_states is None:
+                live = "Slurm not reachable"
+            else:
+                live = (
+                    ", ".join(f"{k.lower()} {v}" for k, v in sorted(j.task_states.items()))
+                    or "no longer known to Slurm"
+                )
+            console.print(f"slurm job {j.job_id} {j.stage} ({size}): {live}", highlight=False)
         if st.n_failed:
             raise typer.Exit(1)
-
-    @app.command("run")
-    def run(
-        config: Path = typer.Option(
-            ..., "--config", "-c", help="RunConfig YAML (see configs/example.yaml)"
-        ),
-        out: Path | None = typer.Option(None, "--out", "-o", help="override the run folder"),
-        workers: int | None = typer.Option(
-            None, "--workers", "-w", help="slides tiled in parallel"
-        ),
-        overwrite: bool = typer.Option(False, "--overwrite", help="redo what is already done"),
-        only: list[str] | None = typer.Option(
-            None,
-            "--only",
-            help="run only these stages (tile, pretrain, extract, train-mil, heatmap)",
-        ),
-    ) -> None:
-        """Run every configured stage locally: tile -> pretrain -> extract -> train-mil -> heatmap."""
-        from wsi_pipe.stages.pipeline import load_run_config, run_pipeline
-
-        cfg = run_guarded(load_run_config, config, out=str(out) if out else None, workers=workers)
-        result = run_guarded(
-            run_pipeline, cfg, overwrite=overwrite, only=tuple(only) if only else None
-        )
-        _print_pipeline(result)
-        if not result.ok:
-            raise typer.Exit(1)
-
-    @app.command("demo")
-    def demo(
-        out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="demo folder"),
-        slides: int = typer.Option(
-            8, "--slides", "-n", min=4, help="synthetic slides (two classes)"
-        ),
-        size_px: int = typer.Option(4096, "--size-px", min=1024, help="level-0 side of each slide"),
-        epochs: int = typer.Option(3, "--pretrain-epochs", min=1, help="pretraining epochs"),
-        workers: int = typer.Option(2, "--workers", "-w", help="slides tiled in parallel"),
-        seed: int = typer.Option(0, "--seed"),
-        pretrain_steps: int = typer.Option(
-            10, "--pretrain-steps", min=1, help="steps per pretraining epoch"
-        ),
-        mil_epochs: int = typer.Option(
-            40, "--mil-epochs", min=1, help="MIL training epochs per fold"
-        ),
-        bootstrap: int = typer.Option(
-            200, "--bootstrap", min=0, help="bootstrap resamples of the CIs"
-        ),
-        report: bool = typer.Option(
-            True, "--report/--no-report", help="write RUN/report.html at the end"
-        ),
-    ) -> None:
-        """No downloads: a synthetic two-class cohort through every stage on the CPU in minutes.
-
-        Ends by writing the run's HTML report and printing its path (the last line).
-        """
-        from wsi_pipe.stages.demo import run_demo
-
-        result = run_guarded(
-            run_demo,
-            out,
-            n_slides=slides,
-            size_px=size_px,
-            pretrain_epochs=epochs,
-            workers=workers,
-            seed=seed,
-            pretrain_steps=pretrain_steps,
-            mil_epochs=mil_epochs,
-            bootstrap=bootstrap,
-            report=report,
-        )
-        _print_pipeline(result)
-        if "report" in result.outputs:
-            console.print(f"open the report: {result.outputs['report']}", highlight=False)
-            print(result.outputs["report"])  # last line: the report path, for scripts
-        elif report:
-            err_console.print("[red]the report could not be written[/] (see the log above)")
-        if not result.ok:
-            raise typer.Exit(1)
-
-
-def _print_pipeline(result) -> None:  # type: ignore[no-untyped-def]
-    from rich.table import Table
-
-    t = Table(title="wsi-pipe run")
-    for col in ("stage", "status", "seconds", "details"):
-        t.add_column(col, overflow="fold")
-    for s in result.stages:
-        colour = "green" if s.ok else "red"
-        t.add_row(s.name, f"[{colour}]{s.status}[/]", f"{s.seconds:.1f}", s.details)
-    console.print(t)
-    console.print("results:")
-    for name, path in result.outputs.items():
-        console.print(f"  {name:<18} {path}", highlight=False)

@@ -28,6 +28,20 @@ def resolve_encoder_arg(encoder: str, run_dir: Path) -> str:
     return str(in_models) if in_models.is_file() else encoder
 
 
+def run_dir_or_here(run_dir: Path | None) -> Path:
+    """RUN_DIR as given; else the run holding the current folder; else the current folder itself
+    (a CLAM/TRIDENT user has no wsi-pipe run: the folder the command is started in becomes one)."""
+    from wsi_pipe.core.errors import ConfigError
+    from wsi_pipe.core.layout import find_run_dir
+
+    if run_dir is not None:
+        return run_dir
+    try:
+        return find_run_dir()
+    except ConfigError:
+        return Path.cwd()
+
+
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
@@ -67,6 +81,15 @@ def register(app: typer.Typer) -> None:
         clam_export: bool | None = typer.Option(
             None, "--clam-export/--no-clam-export", help="also write CLAM's h5_files/ and pt_files/"
         ),
+        coords: Path | None = typer.Option(
+            None,
+            "--coords",
+            help="import a CLAM patches/ or TRIDENT <mag>x_<px>px_<ov>px_overlap/ coords folder "
+            "(with --slides) instead of tiling; see docs/interop.md",
+        ),
+        slides: list[str] | None = typer.Option(
+            None, "--slides", help="with --coords: the slides folder(s), files or manifest CSV"
+        ),
         overwrite: bool = typer.Option(
             False, "--overwrite", help="redo slides that are already done"
         ),
@@ -80,7 +103,21 @@ def register(app: typer.Typer) -> None:
 
         if encoder is None and config is None:
             fail("give --encoder (a checkpoint such as models/ssmamba.pt, or an architecture name)")
-        run_dir = resolve_run_dir(run_dir)
+        coords_import = None
+        if coords is not None or slides:
+            from wsi_pipe.stages.extract import CoordsImport
+
+            if coords is None or not slides:
+                fail("--coords FOLDER and --slides SLIDES go together (see docs/interop.md)")
+            if mpp and len(mpp) > 1:
+                fail("with --coords, --mpp names the one imported grid: give it once")
+            coords_import = CoordsImport(
+                str(coords), tuple(slides), grid_mpp=mpp[0] if mpp else None
+            )
+            mpp = None
+            run_dir = run_dir_or_here(run_dir)
+        else:
+            run_dir = resolve_run_dir(run_dir)
         if encoder is not None:
             encoder = resolve_encoder_arg(encoder, run_dir)
         cfg = run_guarded(
@@ -101,7 +138,12 @@ def register(app: typer.Typer) -> None:
             clam_export=clam_export,
         )
         summary = run_guarded(
-            run_extract, run_dir, cfg, overwrite=overwrite, shard=parse_shard(shard)
+            run_extract,
+            run_dir,
+            cfg,
+            overwrite=overwrite,
+            shard=parse_shard(shard),
+            coords_import=coords_import,
         )
         print_summary(
             summary, {"tiles": "tiles", "tiles/s": "tiles_per_s", "data wait": "data_wait"}

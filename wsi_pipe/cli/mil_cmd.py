@@ -8,6 +8,36 @@ import typer
 
 from wsi_pipe.cli.common import console, resolve_run_dir, run_guarded
 
+FEATURES_HELP = (
+    "feature set of the run, or a CLAM h5_files/ | pt_files/ or TRIDENT features_<enc>/ folder "
+    "(slides matched by file stem; without a run, the current folder takes the outputs)"
+)
+
+
+def _foreign_model(model: Path | None) -> bool:
+    """True when `model` (a train-mil folder) was trained on a CLAM/TRIDENT feature folder."""
+    from wsi_pipe.core.layout import MilRunPaths
+    from wsi_pipe.mil.data import is_foreign_set
+
+    info = MilRunPaths(model).model_json if model is not None else None
+    if info is None or not info.is_file():
+        return False
+    from wsi_pipe.core.fsutil import read_json
+
+    return is_foreign_set(str(read_json(info).get("feature_set", "")))
+
+
+def _run_dir(run_dir: Path | None, features: str | None, model: Path | None = None) -> Path:
+    """RUN_DIR; with a CLAM/TRIDENT feature folder (given, or the model's) and no run around,
+    the current folder."""
+    if (features is not None and Path(features).is_dir()) or (
+        features is None and _foreign_model(model)
+    ):
+        from wsi_pipe.cli.extract_cmd import run_dir_or_here
+
+        return run_dir_or_here(run_dir)
+    return resolve_run_dir(run_dir)
+
 
 def register(app: typer.Typer) -> None:
     @app.command("train-mil")
@@ -24,10 +54,10 @@ def register(app: typer.Typer) -> None:
             "manifest the run was tiled from",
         ),
         method: str | None = typer.Option(
-            None, "--method", help="abmil | msm | mamba | mean | max"
+            None, "--method", help="a MIL method (`wsi-pipe list methods`; default abmil)"
         ),
         features: str | None = typer.Option(
-            None, "--features", help="feature set (default: the only one)"
+            None, "--features", help=FEATURES_HELP + "; default: the run's only feature set"
         ),
         mpp: float | None = typer.Option(
             None, "--mpp", help="grid in um/px (default: the only one)"
@@ -58,7 +88,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             seed=seed,
         )
-        run_dir = resolve_run_dir(run_dir)
+        run_dir = _run_dir(run_dir, features)
         res = run_guarded(train_mil, run_dir, manifest, cfg, name=name, overwrite=overwrite)
         t = Table(
             title=f"{cfg.method}: {res.n_slides} slides, {res.n_folds} fold(s), classes {res.classes}"
@@ -87,11 +117,16 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path | None = typer.Option(None, "--out", help="predictions CSV path"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+        features: str | None = typer.Option(
+            None, "--features", help=FEATURES_HELP + "; default: the model's"
+        ),
     ) -> None:
         """Apply a trained MIL model (the mean of its fold models) to slides."""
         from wsi_pipe.stages.train_mil import predict
 
-        path = run_guarded(predict, resolve_run_dir(run_dir), model, slides, out, device)
+        path = run_guarded(
+            predict, _run_dir(run_dir, features, model), model, slides, out, device, features
+        )
         console.print(f"predictions: {path}")
 
     @app.command("heatmap")
@@ -108,6 +143,11 @@ def register(app: typer.Typer) -> None:
             None, "--slide-path", help="slide file (one --slide only)"
         ),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+        features: str | None = typer.Option(
+            None,
+            "--features",
+            help=FEATURES_HELP + " with coords (not pt_files); default: the model's",
+        ),
     ) -> None:
         """Draw a model's attention over slide thumbnails and export the top-k tiles."""
         from wsi_pipe.cli.common import fail
@@ -115,7 +155,7 @@ def register(app: typer.Typer) -> None:
 
         if slide_path and len(slide) > 1:
             fail("--slide-path works with a single --slide")
-        run_dir = resolve_run_dir(run_dir)
+        run_dir = _run_dir(run_dir, features, model)
         for sid in slide:
             res = run_guarded(
                 heatmap,
@@ -127,6 +167,7 @@ def register(app: typer.Typer) -> None:
                 alpha=alpha,
                 slide_path=slide_path,
                 device=device,
+                features=features,
             )
             pred = max(res.probabilities, key=res.probabilities.__getitem__)
             console.print(

@@ -20,7 +20,11 @@ def register(app: typer.Typer) -> None:
         images: Path | None = typer.Option(
             None, "--images", help="folder of ROI images (recursive; class sub-folders are fine)"
         ),
-        arch: str | None = typer.Option(None, "--arch", help="encoder, e.g. ssmamba_s (default)"),
+        arch: str | None = typer.Option(
+            None,
+            "--arch",
+            help="encoder architecture (`wsi-pipe list encoders`; default ssmamba_s)",
+        ),
         out: Path | None = typer.Option(
             None, "--out", "-o", help="output checkpoint (default RUN_DIR/models/ssmamba.pt)"
         ),
@@ -75,9 +79,9 @@ def register(app: typer.Typer) -> None:
             target = out or RunLayout(run_dir).encoder_checkpoint
             r = run_guarded(pretrain, run_dir, cfg, target, resume=resume)
         console.print(
-            f"[green]pretrained[/] {cfg.arch}: {r['steps']} steps on {r['n_tiles']} tiles, "
-            f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} in {r['seconds']:.0f} s\n"
-            f"encoder: {r['out_path']} (hash {r['content_hash'][:16]})\nloss curve: {r['loss_csv']}"
+            f"[green]pretrained[/] {cfg.arch}: {r.steps} steps on {r.n_tiles} tiles, "
+            f"loss {r.first_loss:.4f} -> {r.last_loss:.4f} in {r.seconds:.0f} s\n"
+            f"encoder: {r.out_path} (hash {r.content_hash[:16]})\nloss curve: {r.loss_csv}"
         )
 
     @app.command("finetune")
@@ -85,12 +89,27 @@ def register(app: typer.Typer) -> None:
         encoder: str = typer.Option(
             ..., "--encoder", "-e", help="ssmamba.pt or an architecture name"
         ),
-        labels: Path = typer.Option(
-            ...,
+        labels: Path | None = typer.Option(
+            None,
             "--labels",
             "-l",
             help="ImageFolder DIR (DIR/<class>/<image>) or CSV: image,label[,group] or "
             "slide,x,y,level,size_px,label[,group]",
+        ),
+        from_annotations: Path | None = typer.Option(
+            None,
+            "--from-annotations",
+            help="instead of --labels: a run folder tiled with --annotations; its tiles, "
+            "labelled by their annotation class, grouped by slide",
+        ),
+        mpp: float | None = typer.Option(
+            None, "--mpp", help="--from-annotations: which grid (default the finest)"
+        ),
+        classes: str | None = typer.Option(
+            None, "--classes", help="--from-annotations: comma list of classes (default all)"
+        ),
+        max_tiles_per_class: int | None = typer.Option(
+            None, "--max-tiles-per-class", help="--from-annotations: tiles sampled per class"
         ),
         out: Path = typer.Option(..., "--out", "-o", help="output checkpoint, e.g. ssmamba_ft.pt"),
         config: Path | None = typer.Option(None, "--config", "-c", help="FinetuneConfig YAML"),
@@ -118,16 +137,29 @@ def register(app: typer.Typer) -> None:
         scan_backend: str | None = typer.Option(None, "--scan-backend"),
         seed: int | None = typer.Option(None, "--seed"),
     ) -> None:
-        """Fine-tune an encoder on labelled ROIs; report held-out accuracy, balanced accuracy, F1."""
+        """Fine-tune an encoder on labelled ROIs (or a run's annotated tiles); report held-out
+        accuracy, balanced accuracy, F1."""
         from wsi_pipe.core.config import FinetuneConfig, load_config
-        from wsi_pipe.stages.finetune import finetune
+        from wsi_pipe.stages.finetune import finetune, finetune_from_annotations
+
+        if (labels is None) == (from_annotations is None):
+            fail("give --labels FILE|DIR or --from-annotations RUN_DIR (one of them)")
+        if from_annotations is None and (mpp, classes, max_tiles_per_class) != (None,) * 3:
+            fail("--mpp, --classes and --max-tiles-per-class go with --from-annotations")
 
         cfg = run_guarded(
             load_config, FinetuneConfig, config, epochs=epochs, batch_size=batch_size, lr=lr,
             train_backbone=train_backbone, backbone_lr=backbone_lr, val_fraction=val_fraction,
-            test_fraction=test_fraction, group_regex=group_regex, input_px=input_px, workers=workers, device=device, scan_backend=scan_backend, seed=seed,
+            test_fraction=test_fraction, group_regex=group_regex, input_px=input_px,
+            workers=workers, device=device, scan_backend=scan_backend, seed=seed,
+            max_tiles_per_class=max_tiles_per_class,
         )  # fmt: skip
-        r = run_guarded(finetune, encoder, labels, out, cfg)
+        if from_annotations is not None:
+            keep = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+            run = resolve_run_dir(from_annotations)
+            r = run_guarded(finetune_from_annotations, encoder, run, out, cfg, mpp, keep)
+        else:
+            r = run_guarded(finetune, encoder, labels, out, cfg)
         v, t, sp = r["val"], r["test"], r["split"]
         test_line = (
             f"test accuracy {t['accuracy']:.3f}, balanced accuracy {t['balanced_accuracy']:.3f}, "

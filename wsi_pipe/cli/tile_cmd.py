@@ -68,6 +68,34 @@ def register(app: typer.Typer) -> None:
         shard: str | None = typer.Option(
             None, "--shard", help="I/N: process shard I of N (Slurm sets it)"
         ),
+        annotations: Path | None = typer.Option(
+            None,
+            "--annotations",
+            help="folder of QuPath GeoJSON per slide (<slide_id>.geojson or .json, level-0 px)",
+        ),
+        annotation_mode: str | None = typer.Option(
+            None,
+            "--annotation-mode",
+            help="label (store each tile's class) | restrict (also keep only annotated tiles) "
+            "| tissue (the polygons replace the tissue mask)",
+        ),
+        annotation_classes: str | None = typer.Option(
+            None,
+            "--annotation-classes",
+            help="comma list of the region/label classes (case-insensitive; default all)",
+        ),
+        exclude_classes: str | None = typer.Option(
+            None,
+            "--exclude-classes",
+            help="comma list of classes whose regions are dropped (fnmatch, case-insensitive; "
+            "default 'ignore*,artefact,artifact'; '' = none)",
+        ),
+        min_annotation: float | None = typer.Option(
+            None, "--min-annotation", help="box share a class/region must cover (0.5)"
+        ),
+        max_excluded: float | None = typer.Option(
+            None, "--max-excluded", help="drop tiles the excluded classes cover more (0)"
+        ),
     ) -> None:
         """Segment tissue and tile slides at one or more true mpps into coordinate stores."""
         from wsi_pipe.core.config import TileConfig, load_config
@@ -77,6 +105,20 @@ def register(app: typer.Typer) -> None:
             fail("give --config or --preset, not both")
         if preset is not None:
             config = preset_path(preset)
+
+        def classes(text: str | None) -> tuple[str, ...] | None:
+            if text is None:
+                return None
+            return tuple(c.strip() for c in text.split(",") if c.strip())
+
+        if annotations is None and any(
+            v is not None
+            for v in (annotation_mode, annotation_classes, exclude_classes, min_annotation)
+        ):
+            fail("--annotation-mode, --annotation-classes, --exclude-classes and "
+                 "--min-annotation need --annotations DIR")  # fmt: skip
+        if annotations is not None and not annotations.is_dir():
+            fail(f"--annotations {annotations} is not a folder of <slide_id>.geojson files")
         cfg = run_guarded(
             load_config,
             TileConfig,
@@ -88,6 +130,12 @@ def register(app: typer.Typer) -> None:
             store=store,
             backend=backend,
             mpp_override=mpp_override,
+            annotations_dir=str(annotations.resolve()) if annotations is not None else None,
+            annotation_mode=annotation_mode,
+            annotation_classes=classes(annotation_classes),
+            annotation_exclude=classes(exclude_classes),
+            annotation_min_fraction=min_annotation,
+            annotation_max_excluded=max_excluded,
         )
         summary = run_guarded(
             run_tile,
@@ -98,7 +146,10 @@ def register(app: typer.Typer) -> None:
             overwrite=overwrite,
             shard=parse_shard(shard),
         )
-        print_summary(summary, {"tiles": "tiles", "mpp": "level0_mpp", "reader": "backend"})
+        cols = {"tiles": "tiles", "mpp": "level0_mpp", "reader": "backend"}
+        if cfg.annotations_dir is not None:
+            cols["annotations"] = "annotation_summary"
+        print_summary(summary, cols)
         console.print(f"run folder: {out}")
         if not summary.ok:
             raise typer.Exit(1)

@@ -87,6 +87,37 @@ class TileConfig(FrozenModel):
     store: StoreBackend = "h5"
     segment: SegmentConfig = SegmentConfig()
     qc_max_px: int = Field(1600, ge=64, description="longest side of the QC thumbnail")
+    # QuPath annotations (docs/tiling.md); these keys enter the hash only with annotations_dir
+    annotations_dir: str | None = Field(
+        None, description="folder of QuPath GeoJSON, <slide_id>.geojson or .json, level-0 px"
+    )
+    annotation_mode: Literal["label", "restrict", "tissue"] = Field(
+        "label",
+        description="label: store each tile's class; restrict: also keep only annotated "
+        "tiles; tissue: the annotation polygons replace the computed tissue mask",
+    )
+    annotation_classes: tuple[str, ...] | None = Field(
+        None, description="classes that are regions/labels (case-insensitive); None = all"
+    )
+    annotation_exclude: tuple[str, ...] = Field(
+        ("ignore*", "artefact", "artifact"),
+        description="classes whose regions are excluded (case-insensitive fnmatch patterns)",
+    )
+    annotation_min_fraction: float = Field(
+        0.5, ge=0, le=1, description="box share a class (restrict: the regions) must cover"
+    )
+    annotation_max_excluded: float = Field(
+        0.0, ge=0, lt=1, description="a tile is dropped when excluded regions cover more"
+    )
+
+    def config_hash(self) -> str:
+        """sha256 (first 16 hex) of the canonical JSON; the annotation keys count only when
+        `annotations_dir` is set, so runs without annotations keep the hash they had."""
+        data = self.model_dump(mode="json")
+        if self.annotations_dir is None:
+            data = {k: v for k, v in data.items() if not k.startswith("annotation")}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     @field_validator("target_mpps")
     @classmethod
@@ -157,6 +188,9 @@ class FinetuneConfig(FrozenModel):
     device: Device = "auto"
     scan_backend: ScanBackend = "auto"
     seed: int = 0
+    max_tiles_per_class: int | None = Field(
+        None, ge=1, description="annotation labels of a run: tiles sampled per class; None = all"
+    )
 
 
 # ------------------------------------------------------------------------------------ extract

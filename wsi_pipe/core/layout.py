@@ -7,7 +7,7 @@ RUN_DIR/
   tissue/<slide>.geojson           tissue polygons, level-0 px (QuPath opens them)
   qc/<slide>.png                   thumbnail with tissue, holes and kept tiles drawn
   features/<set>/mpp<M>/<slide>.h5|.zarr   feature stores (same rows as coords)
-  features/<set>/clam/{h5_files,pt_files}/ optional CLAM-layout export
+  features/<set>/clam/mpp<M>/{h5_files,pt_files,patches}/ optional CLAM-layout export
   models/                          encoders (ssmamba.pt) and MIL runs
   mil/<name>/                      splits, fold checkpoints, metrics, predictions
   heatmaps/<name>/                 attention heatmaps and top-k tiles
@@ -59,12 +59,17 @@ class RunLayout:
         """`RUN_MARKER`: its presence makes this folder a run that `find_run_dir` finds."""
         return self.root / RUN_MARKER
 
+    @property
+    def config_root(self) -> Path:
+        """config/: the resolved config of every stage (and of each feature set)."""
+        return self.root / "config"
+
     def config(self, stage: str) -> Path:
-        return self.root / "config" / f"{stage}.yaml"
+        return self.config_root / f"{stage}.yaml"
 
     def extract_config(self, feature_set: str) -> Path:
         """Resolved extract config of one feature set (each set keeps its own record)."""
-        return self.root / "config" / "extract" / f"{feature_set}.yaml"
+        return self.config_root / "extract" / f"{feature_set}.yaml"
 
     @property
     def slides_table(self) -> Path:
@@ -125,12 +130,28 @@ class RunLayout:
                 return p
         return None
 
+    @property
+    def features_root(self) -> Path:
+        return self.root / "features"
+
     def feature_sets(self) -> list[str]:
-        d = self.root / "features"
+        d = self.features_root
         return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.exists() else []
 
     def clam_export_dir(self, feature_set: str, mpp: float) -> Path:
         return self.root / "features" / feature_set / "clam" / mpp_tag(mpp)
+
+    def clam_export_h5(self, feature_set: str, slide_id: str, mpp: float) -> Path:
+        """CLAM's `h5_files/<slide>.h5`: features + coords with CLAM-correct attributes."""
+        return self.clam_export_dir(feature_set, mpp) / "h5_files" / f"{slide_id}.h5"
+
+    def clam_export_pt(self, feature_set: str, slide_id: str, mpp: float) -> Path:
+        """CLAM's `pt_files/<slide>.pt`: the features tensor alone."""
+        return self.clam_export_dir(feature_set, mpp) / "pt_files" / f"{slide_id}.pt"
+
+    def clam_export_patches(self, feature_set: str, slide_id: str, mpp: float) -> Path:
+        """CLAM's coords-only `patches/<slide>.h5` (what CLAM's own extractor reads)."""
+        return self.clam_export_dir(feature_set, mpp) / "patches" / f"{slide_id}.h5"
 
     # ---- models, MIL, heatmaps
     @property
@@ -253,6 +274,12 @@ class RunLayout:
 
     def lock_dir(self, stage: str) -> Path:
         return self.locks_root / stage
+
+    def has_outputs(self) -> bool:
+        """True when any stage has written here (the marker, the slide table or an output root)."""
+        roots = (self.marker, self.slides_table, self.state_root, self.tiles_root, self.models_dir,
+                 self.mil_root, self.config_root, self.anomaly_root, self.qc_dir)  # fmt: skip
+        return any(p.exists() for p in roots)
 
     @property
     def state_root(self) -> Path:

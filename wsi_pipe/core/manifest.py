@@ -8,7 +8,9 @@ Manifest format (CSV, header row, UTF-8):
 
 - `path` is required; relative paths are resolved against the manifest's folder.
 - `slide_id` defaults to the file name without its slide extension; it must be unique.
-- `patient_id` defaults to the slide id; `label` may be empty for tiling-only runs.
+- `patient_id` defaults to `case_id` (CLAM's dataset CSV `case_id, slide_id, label` is a
+  manifest: `case_id` is the patient), else to the slide id; `label` may be empty for
+  tiling-only runs.
 - `mpp` (optional) overrides the level-0 microns per pixel of that slide.
 - any other column (e.g. a fixed `split`) is kept in `SlideEntry.extra`.
 """
@@ -20,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_pipe.core.errors import ConfigError, EmptyInputError
+from wsi_pipe.core.errors import ConfigError, EmptyInputError, SlideReadError
 
 #: File name endings treated as slides when scanning folders (longest first matters for .ome.tif).
 SLIDE_EXTENSIONS = (
@@ -117,6 +119,25 @@ def _check_unique(entries: list[SlideEntry]) -> None:
         seen[e.slide_id] = e.path
 
 
+def resolve_slide_path(
+    slide_id: str, listed: str | None, stored: str | None, *, fix: str, must_exist: bool = True
+) -> str:
+    """The one slide-path rule: the path the slide table / manifest lists now (`listed`, so a
+    moved cohort is followed), else the path a store recorded when it was written (`stored`),
+    whichever exists first. Raises SlideReadError naming the slide, the paths and `fix` when
+    neither exists; with `must_exist=False` returns the first given path instead (or "")."""
+    given = [str(p) for p in (listed, stored) if p]
+    for cand in given:
+        if Path(cand).exists():
+            return cand
+    if not must_exist:
+        return given[0] if given else ""
+    raise SlideReadError(
+        f"slide {slide_id}: file {' / '.join(dict.fromkeys(given)) or '(no path recorded)'} does "
+        f"not exist (moved or deleted?): {fix}"
+    )
+
+
 def read_manifest(path: str | Path, require_labels: bool = False) -> list[SlideEntry]:
     """Read and validate a manifest CSV (see module doc). Errors name the file, row and fix."""
     path = Path(path)
@@ -162,7 +183,12 @@ def read_manifest(path: str | Path, require_labels: bool = False) -> list[SlideE
         extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS}
         out.append(
             SlideEntry(
-                sid, str(sp) if raw_path else "", row.get("patient_id") or sid, label, mpp, extra
+                sid,
+                str(sp) if raw_path else "",
+                row.get("patient_id") or row.get("case_id") or sid,
+                label,
+                mpp,
+                extra,
             )
         )
     if not out:

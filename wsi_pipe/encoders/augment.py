@@ -77,10 +77,3 @@ def augment_batch(
     x = random_dihedral(tiles_u8, generator).float() / 255.0
     x = hed_jitter(x, stain_sigma, generator)
     return brightness_contrast(x, bc_strength, generator)
-
-
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """[0, 1] RGB (B, 3, H, W) -> (x - mean) / std per channel."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s

@@ -20,21 +20,61 @@ model sees the same tissue at several scales.
 
 from __future__ import annotations
 
+from typing import Protocol, cast, runtime_checkable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+@runtime_checkable
+class TokenGridEncoder(Protocol):
+    """The token-grid interface MAMIM needs of its encoder.
+
+    `HierarchicalBackbone` (SSMamba, MedMamba) and the timm ViT encoders
+    (`timm_models._TimmViTEncoder`) have it; a ResNet has not.
+    """
+
+    @property
+    def total_stride(self) -> int:
+        """Input px per token of the final feature map."""
+        ...
+
+    @property
+    def embed_dim(self) -> int:
+        """Channels of the final feature map."""
+        ...
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> patch tokens (B, H/p, W/p, C0)."""
+        ...
+
+    def forward_stages(self, t: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, h, w, C0) -> final feature map."""
+        ...
+
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final feature map (B, H/s, W/s, embed_dim); masked patch tokens -> `mask_token`."""
+        ...
+
+
 class MAMIM(nn.Module):
     """Encoder + mask token + light pixel decoder.
 
-    encoder: a registry encoder with `embed`, `forward_stages`, `forward_tokens`, `patch` or
-    `total_stride` (SSMamba, MedMamba, ViT). mask_px: side of a mask unit in input px.
+    encoder: a registry encoder with the token grid (`TokenGridEncoder`: SSMamba, MedMamba,
+    ViT), optionally `patch`. mask_px: side of a mask unit in input px.
     """
+
+    encoder: nn.Module  # a TokenGridEncoder (checked in __init__)
 
     def __init__(self, encoder: nn.Module, mask_px: int = 32, norm_pix_loss: bool = False) -> None:
         super().__init__()
-        if not hasattr(encoder, "embed") or not hasattr(encoder, "forward_stages"):
+        if not isinstance(encoder, TokenGridEncoder):
             raise ValueError(
                 f"encoder {getattr(encoder, 'arch', type(encoder).__name__)} has no token grid for MAMIM"
             )
@@ -85,7 +125,8 @@ class MAMIM(nn.Module):
             )
         per = self.mask_px // self.patch
         token_mask = unit_mask.repeat_interleave(per, 1).repeat_interleave(per, 2)
-        feats = self.encoder.forward_tokens(x, token_mask, self.mask_token)  # (B, h/s, w/s, C)
+        grid = cast(TokenGridEncoder, self.encoder)  # checked in __init__
+        feats = grid.forward_tokens(x, token_mask, self.mask_token)  # (B, h/s, w/s, C)
         pred = self.decoder(feats)  # (B, h/s, w/s, s*s*3)
         pred = F.pixel_shuffle(pred.permute(0, 3, 1, 2), self.stride)  # (B, 3, H, W)
         pixel_mask = unit_mask.repeat_interleave(self.mask_px, 1).repeat_interleave(self.mask_px, 2)

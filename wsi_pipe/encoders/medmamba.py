@@ -11,6 +11,8 @@ widths 96/96/128; `scripts/bench_encoder.py` prints our parameter counts (the pa
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -75,28 +77,28 @@ class MedMamba(HierarchicalBackbone):
         super().__init__(dims, depths, make_block, patch, drop_path_rate)
 
 
-@register_encoder("medmamba_t", embed_dim=768, family="medmamba")
-def medmamba_t(**kw) -> MedMamba:
-    return MedMamba(**{"dims": (96, 192, 384, 768), "depths": (2, 2, 4, 2), **kw})
-
-
-@register_encoder("medmamba_s", embed_dim=768, family="medmamba")
-def medmamba_s(**kw) -> MedMamba:
-    return MedMamba(**{"dims": (96, 192, 384, 768), "depths": (2, 2, 8, 2), **kw})
-
-
-@register_encoder("medmamba_b", embed_dim=1024, family="medmamba")
-def medmamba_b(**kw) -> MedMamba:
-    return MedMamba(**{"dims": (128, 256, 512, 1024), "depths": (2, 2, 12, 2), **kw})
-
-
-@register_encoder("medmamba_tiny", input_px=64, embed_dim=64, family="medmamba", tiny=True)
-def medmamba_tiny(**kw) -> MedMamba:
-    return MedMamba(**{"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "d_state": 4, **kw})
-
-
+# The sizes. Options of every entry: `MedMamba`'s constructor arguments; the family's tiny variant
+# `medmamba_tiny` (tests) is declared on `medmamba_t`.
+register_encoder(
+    "medmamba_t",
+    embed_dim=768,
+    family="medmamba",
+    description="MedMamba-T, depths 2-2-4-2",
+    tiny={"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "d_state": 4},
+    tiny_spec={"input_px": 64, "embed_dim": 64},
+)(partial(MedMamba, dims=(96, 192, 384, 768), depths=(2, 2, 4, 2)))
+register_encoder(
+    "medmamba_s", embed_dim=768, family="medmamba", description="MedMamba-S, depths 2-2-8-2"
+)(partial(MedMamba, dims=(96, 192, 384, 768), depths=(2, 2, 8, 2)))
+register_encoder(
+    "medmamba_b", embed_dim=1024, family="medmamba", description="MedMamba-B, depths 2-2-12-2"
+)(partial(MedMamba, dims=(128, 256, 512, 1024), depths=(2, 2, 12, 2)))
 #: MedMamba blocks at the size of `ssmamba_cpu` (same widths, depths, patch, input px), for a
 #: like-for-like comparison on CPU; MedMamba-T itself (~14M parameters) is too slow to train there.
-@register_encoder("medmamba_cpu", input_px=160, embed_dim=128, family="medmamba")
-def medmamba_cpu(**kw) -> MedMamba:
-    return MedMamba(**{"dims": (32, 64, 128), "depths": (1, 1, 1), "patch": 8, "d_state": 8, **kw})
+register_encoder(
+    "medmamba_cpu",
+    input_px=160,
+    embed_dim=128,
+    family="medmamba",
+    description="MedMamba at CPU size",
+)(partial(MedMamba, dims=(32, 64, 128), depths=(1, 1, 1), patch=8, d_state=8))

@@ -25,6 +25,7 @@ not in that sentence is our design choice, stated here so it can be judged:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -75,6 +76,7 @@ class DMS(nn.Module):
                 ys = F.interpolate(scan(pooled), size=(h, w), mode="nearest")
             ys = ys * weights[i][:, None, None]
             y = ys if y is None else y + ys
+        assert y is not None  # scales is non-empty (__init__ reads scales[0])
         y = self.out_norm(y.permute(0, 2, 3, 1).to(x.dtype)) * F.silu(z)
         return self.out_proj(y)
 
@@ -129,32 +131,26 @@ class SSMamba(HierarchicalBackbone):
         super().__init__(dims, depths, make_block, patch, drop_path_rate)
 
 
-@register_encoder("ssmamba_t", embed_dim=768, family="ssmamba")
-def ssmamba_t(**kw) -> SSMamba:
-    return SSMamba(**{"dims": (96, 192, 384, 768), "depths": (2, 2, 4, 2), **kw})
-
-
-@register_encoder("ssmamba_s", embed_dim=768, family="ssmamba")
-def ssmamba_s(**kw) -> SSMamba:
-    return SSMamba(**{"dims": (96, 192, 384, 768), "depths": (2, 2, 8, 2), **kw})
-
-
-@register_encoder("ssmamba_b", embed_dim=1024, family="ssmamba")
-def ssmamba_b(**kw) -> SSMamba:
-    return SSMamba(**{"dims": (128, 256, 512, 1024), "depths": (2, 2, 12, 2), **kw})
-
-
-@register_encoder("ssmamba_tiny", input_px=64, embed_dim=64, family="ssmamba", tiny=True)
-def ssmamba_tiny(**kw) -> SSMamba:
-    opts = {"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "d_state": 4, "mlp_ratio": 2.0}
-    return SSMamba(**{**opts, **kw})
-
-
+# The sizes. Options of every entry: `SSMamba`'s constructor arguments; the family's tiny variant
+# `ssmamba_tiny` (tests) is declared on `ssmamba_t`.
+register_encoder(
+    "ssmamba_t",
+    embed_dim=768,
+    family="ssmamba",
+    description="SSMamba-T, depths 2-2-4-2",
+    tiny={"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "d_state": 4, "mlp_ratio": 2.0},
+    tiny_spec={"input_px": 64, "embed_dim": 64},
+)(partial(SSMamba, dims=(96, 192, 384, 768), depths=(2, 2, 4, 2)))
+register_encoder(
+    "ssmamba_s", embed_dim=768, family="ssmamba", description="SSMamba-S, depths 2-2-8-2"
+)(partial(SSMamba, dims=(96, 192, 384, 768), depths=(2, 2, 8, 2)))
+register_encoder(
+    "ssmamba_b", embed_dim=1024, family="ssmamba", description="SSMamba-B, depths 2-2-12-2"
+)(partial(SSMamba, dims=(128, 256, 512, 1024), depths=(2, 2, 12, 2)))
 #: the size recommended for CPU-only training (`scripts/bench_probe.py`, docs/encoder_quality.md):
 #: 160 px input = 150-px tiles at ~0.495 um/px resampled once to ~0.464 um/px; 160 is 5 x the
 #: total stride 32, so MAMIM's mask grid and every stage's token grid are whole (144 is not).
 #: Patch 8 (3.7 um per token, about half a nucleus) over three stages: 20x20 -> 10x10 -> 5x5 tokens.
-@register_encoder("ssmamba_cpu", input_px=160, embed_dim=128, family="ssmamba")
-def ssmamba_cpu(**kw) -> SSMamba:
-    opts = {"dims": (32, 64, 128), "depths": (1, 1, 1), "patch": 8, "d_state": 8, "mlp_ratio": 2.0}
-    return SSMamba(**{**opts, **kw})
+register_encoder(
+    "ssmamba_cpu", input_px=160, embed_dim=128, family="ssmamba", description="SSMamba at CPU size"
+)(partial(SSMamba, dims=(32, 64, 128), depths=(1, 1, 1), patch=8, d_state=8, mlp_ratio=2.0))

@@ -3,6 +3,10 @@
 A bag is one slide (or one benchmark bag): features (n_tiles, dim) float32 and, for slides, the
 level-0 coords (n_tiles, 2) int64 of the same rows. Store-backed bags load lazily, so a cohort
 larger than memory trains bag by bag; `materialize` keeps them in memory when they fit.
+
+A feature set is a name under RUN_DIR/features, or the path of a CLAM `h5_files/` / `pt_files/`
+or TRIDENT `features_<enc>/` folder (`wsi_pipe.interop.features`): its files are matched to the
+manifest's slide_id by file stem, and their bags load through the same `Bag.load`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 
 from wsi_pipe.core.errors import ConfigError, EmptyInputError, StoreSchemaError
 from wsi_pipe.core.layout import RunLayout, parse_mpp_tag
-from wsi_pipe.core.manifest import SlideEntry
+from wsi_pipe.core.manifest import SlideEntry, resolve_slide_path
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,10 @@ class Bag:
     features: np.ndarray | None = field(default=None, repr=False)
     coords: np.ndarray | None = field(default=None, repr=False)
     store_path: Path | None = None
-    tile_size_l0: int | None = None
+    tile_size_l0: float | None = None
     slide_path: str | None = None
+    #: "store" (a wsi-pipe feature store) or "foreign" (a CLAM/TRIDENT .h5 / .pt file)
+    source: str = "store"
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(features (n, dim) float32, coords (n, 2) int64 level-0 px or None)."""
@@ -42,6 +48,10 @@ class Bag:
             return self.features, self.coords
         if self.store_path is None:
             raise ValueError(f"bag {self.bag_id} has neither features nor a store")
+        if self.source == "foreign":
+            from wsi_pipe.interop.features import load_features
+
+            return load_features(self.store_path)
         from wsi_pipe.store import open_store, schema
 
         with open_store(self.store_path) as r:
@@ -70,8 +80,22 @@ def encode_labels(labels: Sequence[str]) -> list[str]:
 def resolve_feature_source(
     layout: RunLayout, features: str | None, mpp: float | None
 ) -> tuple[str, float]:
-    """The feature set and grid mpp to train on: the given ones, or the only ones in the run."""
+    """The feature set and grid mpp to train on: the given ones, or the only ones in the run.
+
+    `features` naming a folder that is not a feature set of the run is a CLAM/TRIDENT feature
+    folder: returned as its absolute path, with the grid's nominal mpp when its files say it
+    (TRIDENT) and -1.0 (unknown) otherwise; `mpp` is then a label only.
+    """
     sets = layout.feature_sets()
+    if (
+        features is not None
+        and features not in sets
+        and (is_foreign_set(features) or Path(features).is_dir())
+    ):
+        from wsi_pipe.interop.features import open_feature_folder
+
+        folder = open_feature_folder(features)
+        return str(folder.path), float(mpp) if mpp is not None else _foreign_mpp(folder.path)
     if features is None:
         if len(sets) != 1:
             raise ConfigError(
@@ -97,6 +121,64 @@ def resolve_feature_source(
     elif not any(abs(m - mpp) < 1e-9 for m in mpps):
         raise ConfigError(f"feature set {features!r} has no grid at {mpp} um/px (found {mpps})")
     return features, float(mpp)
+
+
+def is_foreign_set(feature_set: str) -> bool:
+    """True when `feature_set` is a path (CLAM/TRIDENT feature folder), not a set name: set
+    names never hold a path separator, and `resolve_feature_source` makes such paths absolute."""
+    return Path(feature_set).is_absolute() or "/" in feature_set or "\\" in feature_set
+
+
+def _foreign_mpp(path: Path) -> float:
+    from wsi_pipe.interop.h5io import nominal_mpp, parse_trident_grid_dir
+
+    grid = parse_trident_grid_dir(path.parent.name)
+    return nominal_mpp(grid.magnification) if grid is not None else -1.0
+
+
+def feature_set_label(feature_set: str) -> str:
+    """Short name of a feature set for output folders (a foreign folder's encoder / dir name)."""
+    if not is_foreign_set(feature_set):
+        return feature_set
+    from wsi_pipe.interop.features import open_feature_folder
+
+    return open_feature_folder(feature_set).label
+
+
+def _foreign_bags(
+    entries: Sequence[SlideEntry], feature_set: str, classes: Sequence[str]
+) -> tuple[list[Bag], list[str], list[str], dict[int, list[str]]]:
+    """Bags of a CLAM/TRIDENT feature folder: (bags, missing ids, empty ids, ids by width)."""
+    from wsi_pipe.interop.features import open_feature_folder
+
+    folder = open_feature_folder(feature_set)
+    missing, empty, bags = [], [], []
+    dims: dict[int, list[str]] = {}
+    for e in entries:
+        p = folder.find(e.slide_id)
+        if p is None:
+            missing.append(e.slide_id)
+            continue
+        n, d, tile_l0 = folder.header(p)
+        if n == 0:
+            empty.append(e.slide_id)
+            continue
+        dims.setdefault(int(d), []).append(e.slide_id)
+        label = classes.index(str(e.label)) if (e.label and str(e.label) in classes) else -1
+        bags.append(
+            Bag(
+                e.slide_id,
+                label,
+                e.patient_id,
+                int(n),
+                int(d),
+                store_path=p,
+                tile_size_l0=tile_l0,
+                slide_path=e.path or None,
+                source="foreign",
+            )
+        )
+    return bags, missing, empty, dims
 
 
 def bags_from_entries(
@@ -132,8 +214,12 @@ def bags_from_entries(
         if unknown:
             raise ConfigError(f"labels {unknown} are not among the model's classes {list(classes)}")
     classes = list(classes or [])
+    if is_foreign_set(feature_set):
+        bags, missing, empty, dims = _foreign_bags(entries, feature_set, classes)
+        _check_bags(missing, empty, dims, feature_set, f"{feature_set} (matched by file stem)")
+        return bags, classes
     missing, empty, bags = [], [], []
-    dims: dict[int, list[str]] = {}
+    dims = {}
     from wsi_pipe.store import open_store, schema
 
     for e in entries:
@@ -161,12 +247,26 @@ def bags_from_entries(
                 int(d),
                 store_path=p,
                 tile_size_l0=int(tile_l0) if tile_l0 else None,
-                slide_path=e.path or (str(slide_path) if slide_path else None),
+                slide_path=resolve_slide_path(
+                    e.slide_id, e.path, slide_path, fix="", must_exist=False
+                )
+                or None,
             )
         )
+    _check_bags(missing, empty, dims, feature_set, str(layout.features_dir(feature_set, mpp)))
+    return bags, classes
+
+
+def _check_bags(
+    missing: list[str],
+    empty: list[str],
+    dims: dict[int, list[str]],
+    feature_set: str,
+    where: str,
+) -> None:
     if missing:
         raise ConfigError(
-            f"{len(missing)} slide(s) have no feature store in {layout.features_dir(feature_set, mpp)}: "
+            f"{len(missing)} slide(s) have no feature store in {where}: "
             f"{_few(missing)}; run `wsi-pipe extract` on them or remove them from the manifest"
         )
     if empty:
@@ -179,7 +279,6 @@ def bags_from_entries(
         raise StoreSchemaError(
             f"feature stores of {feature_set!r} have different widths ({detail})"
         )
-    return bags, classes
 
 
 def _few(items: Sequence[str], k: int = 5) -> str:

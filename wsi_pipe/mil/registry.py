@@ -7,7 +7,6 @@ contract tests that loop over the registry: forward, backward, save, load).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from wsi_pipe.core.errors import ConfigError
+from wsi_pipe.core.registry import Registry
 
 
 class MilOutput(NamedTuple):
@@ -64,7 +64,10 @@ class Aggregator(nn.Module):
 
 @dataclass(frozen=True)
 class AggregatorSpec:
-    """What the registry knows of one family."""
+    """What the registry knows of one family (a view of its `core.registry.Entry`).
+
+    options: the family's own option schema (its constructor's keyword arguments).
+    """
 
     name: str
     cls: type[Aggregator]
@@ -72,9 +75,23 @@ class AggregatorSpec:
     tiny: dict[str, Any] = field(default_factory=dict)
     permutation_invariant: bool = False
     uses_coords: bool = False
+    options: frozenset[str] = frozenset()
 
 
-_REGISTRY: dict[str, AggregatorSpec] = {}
+@dataclass(frozen=True)
+class _Flags:
+    permutation_invariant: bool
+    uses_coords: bool
+
+
+def _load_builtins() -> None:
+    # the built-in families register themselves on import
+    from wsi_pipe.mil import abmil, baselines, mamba_mil, msm  # noqa: F401
+
+
+AGGREGATORS: Registry[Aggregator] = Registry(
+    "MIL method", positional=("in_dim", "n_classes"), load_builtins=_load_builtins
+)
 
 A = TypeVar("A", bound=type[Aggregator])
 
@@ -90,16 +107,13 @@ def register_aggregator(
     """Class decorator adding an aggregator family to the registry (a duplicate name raises)."""
 
     def deco(cls: A) -> A:
-        if name in _REGISTRY:
-            raise ValueError(f"aggregator {name!r} is already registered ({_REGISTRY[name].cls})")
         cls.name = name
-        _REGISTRY[name] = AggregatorSpec(
+        AGGREGATORS.add(
             name,
             cls,
-            description or (cls.__doc__ or "").strip().split("\n")[0],
-            dict(tiny or {}),
-            permutation_invariant,
-            uses_coords,
+            description=description,
+            tiny=tiny,
+            info=_Flags(permutation_invariant, uses_coords),
         )
         return cls
 
@@ -108,31 +122,27 @@ def register_aggregator(
 
 def list_aggregators() -> list[str]:
     """Names of the registered aggregator families, sorted."""
-    return sorted(_REGISTRY)
+    return AGGREGATORS.names(tiny=False)
 
 
 def get_spec(name: str) -> AggregatorSpec:
     """The spec of a registered family; ConfigError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown MIL method {name!r}; known: {', '.join(list_aggregators())}"
-        ) from None
+    e = AGGREGATORS.get(name)
+    return AggregatorSpec(
+        e.name,
+        e.build,  # type: ignore[arg-type]
+        e.description,
+        dict(e.tiny),
+        e.info.permutation_invariant,
+        e.info.uses_coords,
+        e.options,
+    )
 
 
 def create_aggregator(name: str, in_dim: int, n_classes: int, **kw: Any) -> Aggregator:
     """Build aggregator `name` for bags of `in_dim` features and `n_classes` classes.
 
     Keyword arguments are the family's options (e.g. `hidden_dim`, `dropout`); unknown ones raise
-    ConfigError naming them.
+    ConfigError naming them and the accepted ones.
     """
-    spec = get_spec(name)
-    params = inspect.signature(spec.cls.__init__).parameters
-    accepted = {p for p in params if p not in ("self", "in_dim", "n_classes")}
-    unknown = sorted(set(kw) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"MIL method {name!r} has no option(s) {unknown}; it accepts {sorted(accepted)}"
-        )
-    return spec.cls(in_dim, n_classes, **kw)
+    return AGGREGATORS.create(name, in_dim, n_classes, **kw)

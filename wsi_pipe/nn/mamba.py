@@ -55,6 +55,8 @@ def init_dt_proj(
     inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
     with torch.no_grad():
         dt_proj.bias.copy_(inv_dt)
+    # marker attributes on Parameters (read by the init / weight-decay code); Tensor's stubs
+    # declare no such attributes
     dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
 
 
@@ -123,6 +125,8 @@ class Mamba(nn.Module):
         init_dt_proj(self.dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
         self.A_log = nn.Parameter(torch.log(A))  # (d_inner, n); A = -exp(A_log)
+        # marker attributes on Parameters (read by the init / weight-decay code); Tensor's stubs
+        # declare no such attributes
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
@@ -212,6 +216,8 @@ class DirectionalScan(nn.Module):
         A = torch.arange(1, n + 1, dtype=torch.float32).repeat(k * e, 1)
         self.A_logs = nn.Parameter(torch.log(A))  # (K*E, N)
         self.Ds = nn.Parameter(torch.ones(k * e))
+        # marker attributes on Parameters (read by the init / weight-decay code); Tensor's stubs
+        # declare no such attributes
         self.A_logs._no_weight_decay = True  # type: ignore[attr-defined]
         self.Ds._no_weight_decay = True  # type: ignore[attr-defined]
 
@@ -311,5 +317,5 @@ def set_scan_backend(module: nn.Module, backend: str) -> nn.Module:
     _check_backend(backend)
     for m in module.modules():
         if hasattr(m, "scan_backend"):
-            m.scan_backend = backend
+            setattr(m, "scan_backend", backend)  # noqa: B010  (a plain attribute, not a submodule)
     return module

@@ -317,10 +317,7 @@ def selective_scan_numba(
         zeros = u.new_zeros(d, dtype=torch.float32)
         u_c = f32c(u)
         out = torch.empty(b, d, length, dtype=torch.float32)
-        import numba
-
-        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        numba.set_num_threads(threads)
+        _set_numba_threads()
         kernel(
             u_c.numpy(),
             f32c(delta).numpy(),
@@ -335,6 +332,14 @@ def selective_scan_numba(
             out.numpy(),
         )
     return out.to(u.dtype)
+
+
+def _set_numba_threads() -> None:
+    """Run numba's parallel loops on torch's thread count (capped by numba's own pool)."""
+    import numba
+
+    cap = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), cap)))
 
 
 def cross_scan_numba(
@@ -364,8 +369,8 @@ def cross_scan_numba(
         raise KernelUnavailableError(f"cross_scan_numba runs on CPU tensors, got {x.device}")
     try:
         _, kernel = _kernel()
-    except Exception as e:
-        raise KernelUnavailableError(f"cross_scan_numba needs numba ({e})") from e
+    except Exception as err:
+        raise KernelUnavailableError(f"cross_scan_numba needs numba ({err})") from err
     b, e, length = x.shape
     if height * width != length or delta.shape != (b, 4, e, length):
         raise ValueError(
@@ -376,11 +381,9 @@ def cross_scan_numba(
     def f32c(t: torch.Tensor) -> torch.Tensor:
         return t.detach().float().contiguous()
 
-    import numba
-
     with torch.no_grad():
         out = torch.empty(b, length, e, dtype=torch.float32)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        _set_numba_threads()
         kernel(
             f32c(x).numpy(),
             f32c(delta).numpy(),

@@ -200,7 +200,7 @@ def _launch_dims(b: int, d: int, n: int, g: int) -> tuple[int, int, int, int]:
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         b, d, length = u.shape
         n, g = A.shape[1], B.shape[1]
         e, _, programs, block_n = _launch_dims(b, d, n, g)
@@ -220,7 +220,7 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):
         u, delta, A, B, C, D, delta_bias, z, states = ctx.saved_tensors
         b, d, length = u.shape
         n, g = A.shape[1], B.shape[1]

@@ -253,7 +253,7 @@ class _ChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, du, dt, A3, Bl, Cl, T):  # type: ignore[override]
+    def forward(ctx, du, dt, A3, Bl, Cl, T):
         # the scan is float32 by design: keep autocast from lowering the batched matmuls
         with torch.autocast(du.device.type, enabled=False):
             return _ChunkedScan._forward(ctx, du, dt, A3, Bl, Cl, T)
@@ -277,7 +277,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy):
         with torch.autocast(dy.device.type, enabled=False):
             return _ChunkedScan._backward(ctx, dy.float())
 

@@ -58,8 +58,7 @@ def _run_name(root: Path) -> str:
 
 
 def _looks_like_run(layout: RunLayout) -> bool:
-    marks = ("slides.json", "state", "tiles", "models", "mil", "config", "anomaly", "qc")
-    return any((layout.root / m).exists() for m in marks)
+    return layout.has_outputs()
 
 
 def build_report(

@@ -142,7 +142,7 @@ def human_seconds(s: float) -> str:
 
 def state_files(layout: RunLayout) -> dict[str, dict[str, dict[str, Any]]]:
     """{stage (e.g. 'tile', 'extract/ssmamba'): {slide id: state}} from RUN_DIR/state/."""
-    top = layout.root / "state"
+    top = layout.state_root
     out: dict[str, dict[str, dict[str, Any]]] = {}
     if not top.is_dir():
         return out

@@ -23,9 +23,10 @@ _HASH_LINE = re.compile(r"#\s*(\w+)\s+hash\s+([0-9a-f]+)")
 
 
 def _config_rows(ctx: Ctx) -> list[list[str]]:
-    root = ctx.layout.root
-    paths = sorted((root / "config").rglob("*.yaml")) if (root / "config").is_dir() else []
-    paths += sorted(root.glob("mil/*/config.yaml")) + sorted(root.glob("anomaly/*/config.yaml"))
+    lay = ctx.layout
+    paths = sorted(lay.config_root.rglob("*.yaml")) if lay.config_root.is_dir() else []
+    paths += [r.config for r in lay.mil_runs() if r.config.is_file()]
+    paths += [p for p in map(lay.anomaly_config, lay.anomaly_models()) if p.is_file()]
     paths += sorted(ctx.layout.slurm_dir.glob("*.yaml")) if ctx.layout.slurm_dir.is_dir() else []
     rows = []
     for p in paths:

@@ -25,8 +25,7 @@ from wsi_pipe.report.markup import esc, kpi, num, section, table
 
 def mil_runs(layout: RunLayout) -> list[Path]:
     """train-mil output folders of the run (those holding metrics.json), by name."""
-    top = layout.root / "mil"
-    return sorted(d for d in top.iterdir() if (d / "metrics.json").exists()) if top.is_dir() else []
+    return [r.root for r in layout.mil_runs()]
 
 
 def mil(ctx: Ctx) -> str | None:

@@ -8,7 +8,14 @@ score: per slide, through the runner (skip-if-done, lock, state, catch-and-recor
        a score store (same rows as coords; `anomaly_score` + `anomaly_parts`), the top-k tiles
        as PNGs, and a heatmap PNG over the thumbnail with a colour bar; then, for the run,
        slide_scores.csv (slide_id, score and its parts) and metrics.json (slide AUROC with a
-       bootstrap CI when labels exist; tile AUROC and AUPRO with QuPath GeoJSON tile labels).
+       bootstrap CI when labels exist; tile AUROC and AUPRO with tile labels).
+
+Tile labels come from a folder of QuPath GeoJSON given to `score` (`--annotations`), or else
+from the run's coords stores when they were tiled with annotations (`annotation_class`, the
+class each tile got at tiling): a tile is anomalous when its class is one of the anomaly classes
+(default: any class). A slide whose GeoJSON is missing (a file in the folder, or the store's
+`annotation_file` is "") counts as all-normal tiles when labelled normal and is left out of the
+tile metrics otherwise.
 """
 
 from __future__ import annotations
@@ -36,7 +43,13 @@ from wsi_pipe.anomaly.config import AnomalyConfig
 from wsi_pipe.anomaly.data import SlideGrid, load_slide_grid, resolve_feature_set
 from wsi_pipe.anomaly.metrics import aupro, auroc, auroc_ci, region_labels, top_fraction_precision
 from wsi_pipe.core.config import dump_config
-from wsi_pipe.core.errors import CheckpointError, ConfigError, EmptyInputError, WsiPipeError
+from wsi_pipe.core.errors import (
+    CheckpointError,
+    ConfigError,
+    EmptyInputError,
+    StoreSchemaError,
+    WsiPipeError,
+)
 from wsi_pipe.core.fsutil import (
     FileLock,
     atomic_path,
@@ -49,7 +62,7 @@ from wsi_pipe.core.fsutil import (
 )
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry, load_slide_table, read_manifest
-from wsi_pipe.imageops.tiles import encode_png, resize_tile
+from wsi_pipe.imageops.tiles import encode_png
 from wsi_pipe.store import create_store, open_store, schema
 from wsi_pipe.torchutil import resolve_device
 
@@ -117,7 +130,7 @@ class FitResult:
 
 def _stored_config_hash(path: Path) -> str | None:
     try:
-        return str(torch.load(path, map_location="cpu", weights_only=False).get("config_hash"))
+        return str(torch.load(path, map_location="cpu", weights_only=True).get("config_hash"))
     except Exception:
         return None
 
@@ -263,7 +276,7 @@ def _fit_locked(
             "features_config_hash": grids[0].attrs.get("config_hash"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": socket.gethostname(),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
             "git_commit": _git_commit(),
         },
@@ -325,7 +338,7 @@ def load_anomaly_model(
             "run `wsi-pipe anomaly fit` or pick another --model"
         )
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"{path} is not a readable anomaly checkpoint ({e}): refit with --overwrite"
@@ -454,6 +467,7 @@ def _draw_outputs(job: ScoreJob, grid: SlideGrid, values: np.ndarray) -> dict[st
     a white canvas and no tiles are saved (recorded in the returned info)."""
     from wsi_pipe.core.errors import SlideReadError
     from wsi_pipe.readers import open_slide
+    from wsi_pipe.readers.top_tiles import write_top_tiles
 
     cfg = job.model.cfg
     _, heat, top_dir = _outputs(job, grid.slide_id)
@@ -478,16 +492,7 @@ def _draw_outputs(job: ScoreJob, grid: SlideGrid, values: np.ndarray) -> dict[st
         if reader is not None:
             thumb = reader.get_thumbnail(cfg.heatmap_max_px)
             dims = tuple(int(v) for v in reader.dimensions)
-            tile_l0 = grid.tile_size_l0
-            out_px = 256
-            level = reader.best_level_for_downsample(max(1.0, tile_l0 / out_px))
-            size_lvl = max(1, int(round(tile_l0 / reader.level_downsamples[level])))
-            for r, i in enumerate(order[: cfg.top_k], start=1):
-                x, y = int(grid.coords[i, 0]), int(grid.coords[i, 1])
-                tile = reader.read_region((x, y), level, (size_lvl, size_lvl))
-                if tile.shape[0] > out_px:
-                    tile = resize_tile(tile, out_px)
-                atomic_write_bytes(top_dir / f"rank{r:02d}_x{x}_y{y}.png", encode_png(tile))
+            write_top_tiles(reader, grid.coords, order, grid.tile_size_l0, top_dir, cfg.top_k)
         else:
             info["thumbnail"] = "blank"
             w0 = int(grid.attrs.get("level0_width") or grid.coords[:, 0].max() + grid.tile_size_l0)
@@ -594,8 +599,10 @@ def score_anomaly(
     """Score the run's slides with a fitted model (default: the latest); see the module doc.
 
     annotations: a folder of QuPath GeoJSON files `<slide_id>.geojson` (tile labels: tiles covered
-    >= `min_overlap` by annotations of `anomaly_classes`, None = any class). Slides without a
-    file count as all-normal tiles when labelled normal, and are left out of tile metrics else.
+    >= `min_overlap` by annotations of `anomaly_classes`, None = any class). Without it, the
+    `annotation_class` stored by `wsi-pipe tile --annotations` labels the tiles (anomalous:
+    a class in `anomaly_classes`, case-insensitive, None = any). Slides without a GeoJSON count
+    as all-normal tiles when labelled normal, and are left out of tile metrics else.
     """
     from wsi_pipe.runner import run_slides
 
@@ -659,8 +666,8 @@ def write_slide_scores(job: ScoreJob, slide_ids: list[str]) -> tuple[Path, list[
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(SLIDE_SCORE_COLUMNS), lineterminator="\n")
     w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in r.items()})
+    for row in rows:
+        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
     path = job.layout.anomaly_slide_scores(job.model.name)
     atomic_write_text(path, buf.getvalue())
     return path, rows
@@ -685,31 +692,35 @@ def compute_run_metrics(
             out["slide_auroc"] = auroc_ci(y, s, cfg.bootstrap, cfg.seed)
             for part in ("max", "dog", "concentration"):
                 out[f"slide_auroc_{part}"] = auroc(y, np.array([r[part] for r in labelled]))
-    if annotations is not None:
+    folder = Path(annotations) if annotations is not None else None
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"--annotations {folder} is not a folder of <slide_id>.geojson files")
+    if folder is not None or _run_has_stored_labels(job, rows):
         from wsi_pipe.anomaly.grid import grid_cells
-        from wsi_pipe.imageops.annotations import label_tiles, read_geojson
+        from wsi_pipe.imageops.annotations import find_annotation_file, label_tiles, read_geojson
 
-        folder = Path(annotations)
-        if not folder.is_dir():
-            raise ConfigError(f"--annotations {folder} is not a folder of <slide_id>.geojson files")
         scores, regions, ys = [], [], []
         for r in rows:
             sid = r["slide_id"]
-            gj = folder / f"{sid}.geojson"
             st = read_score_store(_outputs(job, sid)[0])
             a = st["attrs"]
-            if gj.exists():
-                pos = label_tiles(
-                    st["coords"],
-                    float(a["tile_size_level0"]),
-                    read_geojson(gj),
-                    anomaly_classes,
-                    min_overlap,
-                )
-            elif normal is not None and r["label"] == normal:
-                pos = np.zeros(len(st["coords"]), bool)
+            pos: np.ndarray | None = None
+            if folder is not None:
+                gj = find_annotation_file(folder, sid)
+                if gj is not None:
+                    pos = label_tiles(
+                        st["coords"],
+                        float(a["tile_size_level0"]),
+                        read_geojson(gj),
+                        anomaly_classes,
+                        min_overlap,
+                    )
             else:
-                continue
+                pos = stored_tile_labels(job.layout, sid, st["coords"], a, anomaly_classes)
+            if pos is None:
+                if normal is None or r["label"] != normal:
+                    continue  # no tile labels for a slide that is not known to be normal
+                pos = np.zeros(len(st["coords"]), bool)
             cells, shape = grid_cells(st["coords"], float(a["stride_level0"]))
             scores.append(st["score"].astype(np.float64))
             regions.append(region_labels(cells, shape, pos))
@@ -721,9 +732,63 @@ def compute_run_metrics(
             out["top5_precision"] = top_fraction_precision(s_all, y_all, 0.05)
             out["n_tiles"] = int(len(y_all))
             out["n_anomalous_tiles"] = int(y_all.sum())
+            out["tile_labels"] = "geojson" if folder is not None else "stored annotation_class"
     if out:
         out = {"model": job.model.name, "method": cfg.method, **out}
     return _finite(out)
+
+
+def _coords_store_of(layout: RunLayout, slide_id: str, attrs: dict[str, Any]) -> Path | None:
+    mpp = attrs.get("target_mpp")
+    return layout.find_coords_store(slide_id, float(mpp)) if mpp is not None else None
+
+
+def _run_has_stored_labels(job: ScoreJob, rows: list[dict[str, Any]]) -> bool:
+    """Whether any scored slide's coords store carries `annotation_class`."""
+    for r in rows:
+        with open_store(_outputs(job, r["slide_id"])[0]) as st:
+            attrs = st.attrs
+        store = _coords_store_of(job.layout, r["slide_id"], attrs)
+        if store is not None:
+            with open_store(store, validate=False) as c:
+                if schema.ANNOTATION_CLASS in c.names:
+                    return True
+    return False
+
+
+def stored_tile_labels(
+    layout: RunLayout,
+    slide_id: str,
+    coords: np.ndarray,
+    score_attrs: dict[str, Any],
+    anomaly_classes: list[str] | None,
+) -> np.ndarray | None:
+    """(n,) bool: tiles at `coords` whose stored annotation class is an anomaly class (None =
+    any class), from the slide's coords store at the score grid; None when the store has no
+    `annotation_class` or the slide had no GeoJSON at tiling. StoreSchemaError when a scored
+    tile is missing from the coords store (the run was re-tiled after extract)."""
+    store = _coords_store_of(layout, slide_id, score_attrs)
+    if store is None:
+        return None
+    with open_store(store) as r:
+        if schema.ANNOTATION_CLASS not in r.names or not r.attrs.get("annotation_file"):
+            return None
+        names = list(r.array_attrs(schema.ANNOTATION_CLASS)[schema.CLASS_NAMES])
+        cls = r.read(schema.ANNOTATION_CLASS)
+        tile_coords = r.read(schema.COORDS)
+    want = {c.lower() for c in anomaly_classes} if anomaly_classes else None
+    anomalous = np.array(
+        [want is None or n.lower() in want for n in names] + [False], bool
+    )  # index -1 -> the appended False
+    row = {(int(x), int(y)): i for i, (x, y) in enumerate(tile_coords)}
+    idx = np.array([row.get((int(x), int(y)), -2) for x, y in coords], np.int64)
+    if np.any(idx == -2):
+        raise StoreSchemaError(
+            f"slide {slide_id}: {int((idx == -2).sum())} scored tiles are not in {store}: the "
+            "slide was re-tiled after extract; re-run extract and anomaly score (--overwrite)"
+        )
+    out: np.ndarray = anomalous[cls[idx]]
+    return out
 
 
 def _finite(obj: Any) -> Any:

@@ -13,6 +13,10 @@ Per slide and grid (target mpp), one pass:
    complete (a killed job leaves no partial store under a final name); coords, tissue_fraction and
    parent_index are copied from the coords store, so every feature set keeps the parent links.
 
+With `--clam-export`, each grid is also written in CLAM's layout with CLAM-correct coords
+attributes (`_export_clam`); `--coords FOLDER --slides SLIDES` first imports a CLAM/TRIDENT coords
+folder as this run's coords stores (`import_coords`). Both conventions: docs/interop.md.
+
 The model's wait for data (time blocked on the DataLoader) is logged per slide and returned.
 Slides run one at a time through the runner (skip-if-done, lock, state, catch-and-record);
 the parallelism is inside a slide: DataLoader workers decode while the device computes. A slide
@@ -49,15 +53,19 @@ from wsi_pipe.core.errors import (
 )
 from wsi_pipe.core.fsutil import file_hash
 from wsi_pipe.core.layout import RunLayout
-from wsi_pipe.core.manifest import SlideEntry
-from wsi_pipe.stages.tile_dataset import TilePool, TileSource, worker_context
+from wsi_pipe.core.manifest import SlideEntry, resolve_slide_path
+from wsi_pipe.data.tile_dataset import TilePool, TileSource
 from wsi_pipe.store import create_store, open_store, schema, write_store
-from wsi_pipe.torchutil import resolve_device
+from wsi_pipe.torchutil import (
+    autocast,
+    preprocess,
+    resolve_device,
+    torch_threads,
+    worker_context,
+)
 
 log = logging.getLogger(__name__)
 
-#: Suffixes that mark `--encoder` as a checkpoint file rather than a registered architecture.
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 #: Root attributes of a coords store that describe the coords, not the tile run itself.
 _NOT_COPIED = ("schema_version", "kind", "config_hash")
 #: Batches each DataLoader worker keeps ready.
@@ -83,11 +91,6 @@ class EncoderBundle:
     channels_last: bool = False
 
 
-def _is_checkpoint_path(text: str) -> bool:
-    p = Path(text)
-    return p.suffix.lower() in CHECKPOINT_SUFFIXES or p.exists() or os.sep in text
-
-
 def _uses_cnn(model: nn.Module) -> bool:
     # channels-last pays off for stacks of convolutions; a ViT/Mamba patch embed is one conv
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
@@ -105,8 +108,8 @@ def encoder_bundle(
         model=model,
         name=str(spec.name),
         input_px=int(spec.input_px),
-        mean=tuple(float(v) for v in spec.mean),
-        std=tuple(float(v) for v in spec.std),  # type: ignore[arg-type]
+        mean=(float(spec.mean[0]), float(spec.mean[1]), float(spec.mean[2])),
+        std=(float(spec.std[0]), float(spec.std[1]), float(spec.std[2])),
         embed_dim=int(spec.embed_dim),
         weights_hash=weights_hash,
         source=source,
@@ -116,74 +119,42 @@ def encoder_bundle(
 
 def load_extract_encoder(cfg: ExtractConfig, device: torch.device) -> EncoderBundle:
     """The encoder of `cfg`: a checkpoint file (ssmamba.pt / medmamba) or a registered
-    architecture with a local weights file. Never downloads. Raises CheckpointError / ConfigError
-    naming the file and the fix."""
-    from wsi_pipe.encoders import load_encoder
+    architecture with a local weights file, as `resolve_encoder_source` decides (the one rule of
+    every stage). Never downloads. Raises CheckpointError / ConfigError naming the file and the
+    fix."""
+    from wsi_pipe.encoders import load_encoder, resolve_encoder_source
 
-    src = cfg.encoder
-    if _is_checkpoint_path(src):
-        path = Path(src)
-        if not path.is_file():
-            raise CheckpointError(
-                f"encoder checkpoint {path} does not exist: give the ssmamba.pt written by "
-                "`wsi-pipe pretrain`/`finetune`, or a registered architecture with --weights FILE"
-            )
-        if cfg.weights is not None:
-            raise ConfigError(
-                f"--weights is for a registered architecture; {path} is already a checkpoint"
-            )
-        try:
-            model, spec = load_encoder(str(path), device=str(device), scan_backend=cfg.scan_backend)
-        except WsiPipeError:
-            raise
-        except Exception as e:
-            raise CheckpointError(
-                f"encoder checkpoint {path} could not be loaded ({type(e).__name__}: {e}): it is not "
-                "a wsi-pipe encoder checkpoint; give one written by `wsi-pipe pretrain`/`finetune`"
-            ) from None
-        whash = getattr(spec, "weights_hash", None) or file_hash(path)
-        return encoder_bundle(model, spec, str(whash), str(path.resolve()), device)
-    from wsi_pipe.encoders import list_encoders
-
-    if src not in list_encoders():
-        raise ConfigError(
-            f"encoder {src!r} is neither a checkpoint file nor a registered architecture "
-            f"({', '.join(list_encoders())}): give e.g. models/ssmamba.pt, or NAME --weights FILE"
-        )
-    if cfg.weights is None:
-        raise ConfigError(
-            f"encoder {src!r} is an architecture name: give its local weights file with --weights "
-            "FILE (wsi-pipe never downloads weights), or a checkpoint path such as models/ssmamba.pt"
-        )
-    wpath = Path(cfg.weights)
-    if not wpath.is_file():
-        raise CheckpointError(
-            f"weights file {wpath} for encoder {src!r} does not exist: give a local file"
-        )
+    src = resolve_encoder_source(cfg.encoder, cfg.weights, need_weights=True)
     try:
-        model, spec = load_encoder(
-            src, weights=str(wpath), device=str(device), scan_backend=cfg.scan_backend
-        )
+        model, spec = load_encoder(src, device=str(device), scan_backend=cfg.scan_backend)
     except WsiPipeError:
         raise
     except Exception as e:
+        if src.is_checkpoint:
+            raise CheckpointError(
+                f"encoder checkpoint {src.path} could not be loaded ({type(e).__name__}: {e}): "
+                "it is not a wsi-pipe encoder checkpoint; give one written by `wsi-pipe "
+                "pretrain`/`finetune`"
+            ) from None
         raise CheckpointError(
-            f"weights {wpath} do not fit encoder {src!r} ({type(e).__name__}: {e}): give the "
-            "state dict of that architecture"
+            f"weights {src.weights} do not fit encoder {src.name!r} ({type(e).__name__}: {e}): "
+            "give the state dict of that architecture"
         ) from None
     # the encoder package hashes the loaded tensors (independent of the file's container format)
-    whash = getattr(spec, "weights_hash", None) or file_hash(wpath)
-    return encoder_bundle(model, spec, str(whash), f"{src}:{wpath.resolve()}", device)
+    whash = spec.weights_hash
+    if whash is None and src.file is not None:
+        whash = file_hash(src.file)
+    return encoder_bundle(model, spec, str(whash), src.source, device)
 
 
 def feature_set_name(cfg: ExtractConfig) -> str:
-    """Feature set name: `cfg.name`, else the checkpoint stem, else the architecture name."""
-    if cfg.name:
-        return cfg.name
-    return Path(cfg.encoder).stem if _is_checkpoint_path(cfg.encoder) else cfg.encoder
+    """Feature set name: `cfg.name`, else the checkpoint stem, else the architecture name (with
+    `timm:<arch>`'s colon as `_`, a folder name that every file system and Slurm path takes)."""
+    from wsi_pipe.encoders import encoder_label
+
+    return cfg.name or encoder_label(cfg.encoder).replace(":", "_")
 
 
-# ----------------------------------------------------------------------------- inference
 @dataclass
 class EmbedTimings:
     """Seconds spent in one `embed_batches` call; `data_wait_s` is time blocked on the input."""
@@ -203,13 +174,6 @@ class EmbedTimings:
         return self.data_wait_s / self.total_s if self.total_s > 0 else 0.0
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @contextlib.contextmanager
 def _cudnn_benchmark(on: bool) -> Iterator[None]:
     # every batch but the last has one shape: let cuDNN pick its fastest kernels, then restore
@@ -219,21 +183,6 @@ def _cudnn_benchmark(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = before
-
-
-def norm_params(enc: EncoderBundle, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale), each (1, 3, 1, 1) float32 on `device`, for `normalise`."""
-    mean = torch.tensor(enc.mean, dtype=torch.float32)
-    std = torch.tensor(enc.std, dtype=torch.float32)
-    return (mean / std).view(1, 3, 1, 1).to(device), (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(
-        device
-    )
-
-
-def normalise(tiles: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """uint8 tiles (B, 3, H, W) -> float32 (x / 255 - mean) / std, in one pass that keeps the
-    batch's (channels-last) strides."""
-    return torch.addcmul(-shift, tiles.float(), scale)
 
 
 def embed_batches(
@@ -250,7 +199,6 @@ def embed_batches(
     The host copy of batch k's features is started before batch k+1 runs and awaited after
     batch k+1 has been queued, so a GPU never idles on the copy or on the store write.
     """
-    shift, scale = norm_params(enc, device)
     cuda = device.type == "cuda"
     t = EmbedTimings()
     pending: tuple[np.ndarray, torch.Tensor, Any] | None = None
@@ -266,7 +214,7 @@ def embed_batches(
 
     t0 = time.perf_counter()
     it = iter(batches)
-    with torch.inference_mode(), _autocast(device, precision), _cudnn_benchmark(cuda):
+    with torch.inference_mode(), autocast(device, precision), _cudnn_benchmark(cuda):
         while True:
             tw = time.perf_counter()
             try:
@@ -275,7 +223,7 @@ def embed_batches(
                 t.data_wait_s += time.perf_counter() - tw
                 break
             t.data_wait_s += time.perf_counter() - tw
-            x = normalise(tiles.to(device, non_blocking=True), shift, scale)
+            x = preprocess(tiles, enc.mean, enc.std, device)
             if enc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out = enc.model(x)
@@ -310,20 +258,6 @@ def make_pool(cfg: ExtractConfig, device: torch.device, persistent: bool = True)
         prefetch_factor=PREFETCH_FACTOR,
         persistent=persistent,
     )
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op threads in this process (None = leave as is)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def cpu_threads_for(cfg: ExtractConfig, device: torch.device) -> int | None:
@@ -382,10 +316,14 @@ def _coords_path(job: ExtractJob, slide_id: str, mpp: float) -> Path:
 
 
 def _outputs(job: ExtractJob, slide_id: str, mpp: float) -> list[Path]:
-    out = [job.layout.feature_store(job.set_name, slide_id, mpp, job.cfg.store)]
+    lay = job.layout
+    out = [lay.feature_store(job.set_name, slide_id, mpp, job.cfg.store)]
     if job.cfg.clam_export:
-        d = job.layout.clam_export_dir(job.set_name, mpp)
-        out += [d / "h5_files" / f"{slide_id}.h5", d / "pt_files" / f"{slide_id}.pt"]
+        out += [
+            lay.clam_export_h5(job.set_name, slide_id, mpp),
+            lay.clam_export_pt(job.set_name, slide_id, mpp),
+            lay.clam_export_patches(job.set_name, slide_id, mpp),
+        ]
     return out
 
 
@@ -426,12 +364,11 @@ def is_extracted(entry: SlideEntry, job: ExtractJob) -> bool:
 
 
 def _slide_path(entry: SlideEntry, attrs: dict[str, Any], layout: RunLayout) -> str:
-    for cand in (entry.path, attrs.get("slide_path")):
-        if cand and Path(cand).exists():
-            return str(cand)
-    raise SlideReadError(
-        f"slide {entry.slide_id}: file {entry.path or attrs.get('slide_path')} does not exist (moved "
-        f"or deleted?): put it back, or fix its path in {layout.slides_table}, then re-run extract"
+    return resolve_slide_path(
+        entry.slide_id,
+        entry.path,
+        attrs.get("slide_path"),
+        fix=f"put it back, or fix its path in {layout.slides_table}, then re-run extract",
     )
 
 
@@ -498,7 +435,7 @@ def extract_slide(entry: SlideEntry, job: ExtractJob) -> dict[str, Any]:
         if job.cfg.clam_export and (
             job.overwrite or timings is not None or not all(p.exists() for p in outs[1:])
         ):
-            _export_clam(outs[0], outs[1], outs[2])
+            _export_clam(outs[0], outs[1], outs[2], outs[3])
         tag = f"{mpp:g}"
         info["tiles"][tag] = int(len(arrays[schema.COORDS]))
         if timings is not None:
@@ -546,15 +483,9 @@ def _extract_grid(
         if n:
             path = _slide_path(entry, attrs, job.layout)
             root["slide_path"] = path
-            source = TileSource(
-                slide_id=entry.slide_id,
-                slide_path=path,
-                backend=str(attrs.get("backend", "auto")),
-                read_level=int(attrs["read_level"]),
-                read_size_px=int(attrs["read_size_px"]),
-                out_px=enc.input_px,
-                coords=coords,
-                mpp_override=float(attrs["level0_mpp"]),
+            grid = schema.GridAttrs.from_attrs(attrs, f"coords store of {entry.slide_id}")
+            source = TileSource.from_coords_store(
+                grid, coords, out_px=enc.input_px, slide_path=path
             )
             # the workers open the slide and prefetch while this process checks it
             batches = pool.batches(source, cfg.batch_size)
@@ -621,23 +552,177 @@ def _write_features(
     return timings
 
 
-def _export_clam(store_path: Path, h5_path: Path, pt_path: Path) -> None:
-    """CLAM layout: h5_files/<slide>.h5 (features, coords) and pt_files/<slide>.pt (tensor)."""
+def _export_clam(store_path: Path, h5_path: Path, pt_path: Path, patches_path: Path) -> None:
+    """CLAM layout (docs/interop.md), with coords attributes CLAM reads correctly:
+
+    h5_files/<slide>.h5   `features` (N, D) + `coords` (N, 2), CLAM's chunking (one row) and
+                          resizable rows; `coords` attrs: `patch_size` = the read size AT
+                          `patch_level` (our `read_size_px` at `read_level`, exactly what our
+                          reader reads), `patch_level`, `downsample`, `downsampled_level_dim`,
+                          `level_dim`, `name`, `save_path`, `target_patch_size` = tile_px,
+                          `patch_size_level0` = tile_size_level0
+    pt_files/<slide>.pt   the features tensor (N, D) alone
+    patches/<slide>.h5    `coords` alone with the same attrs (CLAM's create_patches_fp output),
+                          so CLAM's own extract_features_fp.py runs on our grid
+
+    The native store keeps TRIDENT's meaning of `patch_size` (side at the target mpp); these
+    files carry no TRIDENT magnification keys, so TRIDENT reads them through its CLAM fallback correctly.
+    """
     from wsi_pipe.core.fsutil import atomic_path
+    from wsi_pipe.interop import h5io
 
     with open_store(store_path) as r:
         feats = r.read(schema.FEATURES)
         coords = r.read(schema.COORDS)
         attrs = r.attrs
-        coords_attrs = r.array_attrs(schema.COORDS)
-    write_store(
-        h5_path,
-        {schema.FEATURES: feats, schema.COORDS: coords},
-        {k: v for k, v in attrs.items() if k != "schema_version"},
-        {schema.COORDS: coords_attrs},
+        native = r.array_attrs(schema.COORDS)
+    level_dim = native.get("level_dim") or native.get("downsampled_level_dim") or [0, 0]
+    clam_attrs = h5io.clam_coords_attrs(
+        slide_id=str(attrs["slide_id"]),
+        read_level=int(attrs["read_level"]),
+        read_size_px=int(attrs["read_size_px"]),
+        level_downsample=float(attrs.get("read_downsample") or h5io.first(native["downsample"])),
+        level_dim=(int(level_dim[0]), int(level_dim[1])),
+        tile_px=int(attrs["tile_px"]),
+        tile_size_level0=int(attrs["tile_size_level0"]),
+        save_path=str(patches_path.parent),
     )
+    provenance: dict[str, Any] = {
+        k: attrs[k]
+        for k in ("slide_id", "slide_path", "level0_mpp", "target_mpp", "tile_px", "encoder")
+        if k in attrs and attrs[k] is not None
+    }
+    feats32 = np.ascontiguousarray(feats, dtype=np.float32)
+    coords64 = np.ascontiguousarray(coords, dtype=np.int64)
+    h5io.write_h5(
+        h5_path,
+        {h5io.FEATURES: feats32, h5io.COORDS: coords64},
+        {h5io.COORDS: clam_attrs},
+        provenance,
+    )
+    h5io.write_h5(patches_path, {h5io.COORDS: coords64}, {h5io.COORDS: clam_attrs}, provenance)
     with atomic_path(pt_path) as tmp:
-        torch.save(torch.from_numpy(np.ascontiguousarray(feats)), tmp)
+        torch.save(torch.from_numpy(feats32), tmp)
+
+
+# ------------------------------------------------------------------------ coords import
+@dataclass(frozen=True)
+class CoordsImport:
+    """`wsi-pipe extract --coords FOLDER --slides SLIDES`: a CLAM/TRIDENT coords folder and the
+    slides (folder, files or manifest) it was made on; `grid_mpp` names the grid (None: chosen
+    as `interop.coords.choose_grid_mpp` says)."""
+
+    coords_dir: str
+    slides: tuple[str, ...]
+    grid_mpp: float | None = None
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    grid_mpp: float
+    fmt: str
+    slide_ids: list[str]
+    warnings: list[str]
+
+
+def import_coords(run_dir: str | Path, imp: CoordsImport) -> ImportSummary:
+    """Write the coords stores of a CLAM/TRIDENT coords folder into run `run_dir`:
+
+    1. list the coords files (slide name = file stem; TRIDENT's `_patches` suffix dropped) and
+       the slides; every coords file needs its slide (else ConfigError naming both and the fix);
+       slides without coords are left out with a warning (CLAM skips slides without tissue);
+    2. open each slide in our readers and plan its reads (`interop.coords.plan_slide`: CLAM's
+       exact read, TRIDENT's level-0 side, the true mpp from the slide's own metadata);
+    3. choose the grid mpp, warn for every slide whose true mpp is off it or off the project's
+       nominal magnification (naming the slide), and write one store per slide to
+       `RunLayout.coords_store` (tissue_fraction NaN, parent_index -1);
+    4. merge the slides into the run's slide table and mark the folder as a run.
+    """
+    from wsi_pipe import __version__
+    from wsi_pipe.core.fsutil import atomic_write_text
+    from wsi_pipe.core.manifest import discover, load_slide_table, save_slide_table
+    from wsi_pipe.interop import coords as ic
+    from wsi_pipe.interop import h5io
+    from wsi_pipe.readers import open_slide
+
+    layout = RunLayout(run_dir)
+    folder = ic.open_coords_folder(imp.coords_dir)
+    entries = {e.slide_id: e for e in discover(list(imp.slides))}
+    no_slide = sorted(set(folder.files) - set(entries))
+    if no_slide:
+        raise ConfigError(
+            f"{len(no_slide)} coords file(s) in {folder.path} have no slide among "
+            f"{', '.join(imp.slides)}: {', '.join(no_slide[:5])} (e.g. {folder.files[no_slide[0]]}); "
+            "give the folder holding those slides, or a manifest whose slide_id matches the file names"
+        )
+    warnings = [
+        f"slide {sid} ({entries[sid].path}) has no coords file in {folder.path}: left out"
+        for sid in sorted(set(entries) - set(folder.files))
+    ]
+    planned = []
+    for sid, src in sorted(folder.files.items()):
+        e = entries[sid]
+        content = h5io.read_h5(src, (h5io.COORDS,))
+        if h5io.COORDS not in content.arrays:
+            raise StoreSchemaError(f"slide {sid}: {src} has no `coords` dataset")
+        attrs = content.array_attrs[h5io.COORDS]
+        with open_slide(e.path, backend=imp.backend, mpp_override=e.mpp, slide_id=sid) as reader:
+            plan = ic.plan_slide(folder.fmt, sid, src, attrs, reader)
+            planned.append((e, src, content.arrays[h5io.COORDS], attrs, plan))
+    grid_mpp = ic.choose_grid_mpp(folder, [p[-1] for p in planned], imp.grid_mpp)
+    for e, *_ in planned:  # never overwrite a grid that `wsi-pipe tile` made
+        have = layout.find_coords_store(e.slide_id, grid_mpp)
+        if have is not None:
+            with open_store(have, validate=False) as r:
+                tiled_here = "imported_from" not in r.attrs
+            if tiled_here:
+                raise ConfigError(
+                    f"slide {e.slide_id}: {have} was made by `wsi-pipe tile`; importing "
+                    f"{folder.path} would replace it: import into another run folder, or name "
+                    f"another grid with --mpp"
+                )
+    for e, src, coords, attrs, plan in planned:
+        w = ic.mismatch_warning(e.slide_id, plan, grid_mpp)
+        if w:
+            warnings.append(w)
+        with open_slide(e.path, backend=imp.backend, mpp_override=e.mpp, slide_id=e.slide_id) as r:
+            arrays, arr_attrs, root = ic.imported_store(
+                fmt=folder.fmt,
+                src=src,
+                slide_id=e.slide_id,
+                slide_path=e.path,
+                patient_id=e.patient_id,
+                label=e.label,
+                coords=coords,
+                src_attrs=attrs,
+                plan=plan,
+                grid_mpp=grid_mpp,
+                reader=r,
+            )
+        out = layout.coords_store(e.slide_id, grid_mpp, "h5")
+        _remove_dead_tmp(out)
+        write_store(out, arrays, root, arr_attrs)
+    for w in warnings:
+        log.warning("%s", w)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if not layout.marker.exists():
+        atomic_write_text(layout.marker, f"wsi-pipe {__version__} run folder\n")
+    table = (
+        {e.slide_id: e for e in load_slide_table(layout.slides_table)}
+        if (layout.slides_table.exists())
+        else {}
+    )
+    table.update({e.slide_id: e for e, *_ in planned})
+    save_slide_table(layout.slides_table, list(table.values()))
+    log.info(
+        "imported %s coords of %d slides from %s into grid %s",
+        folder.fmt,
+        len(planned),
+        folder.path,
+        layout.tiles_dir(grid_mpp),
+    )
+    return ImportSummary(grid_mpp, folder.fmt, [e.slide_id for e, *_ in planned], warnings)
 
 
 # ------------------------------------------------------------------------------- the run
@@ -697,12 +782,15 @@ def run_extract(
     progress: bool = True,
     encoder: EncoderBundle | None = None,
     persistent_workers: bool = True,
+    coords_import: CoordsImport | None = None,
 ) -> Any:
     """Extract features for every slide of the run (its slide table) at the chosen grids.
 
     `encoder` (optional) replaces the one named by `cfg` (benchmarks, tests of the loop).
     `persistent_workers`: one set of DataLoader workers serves every slide (False: each grid
     starts its own, the baseline of `scripts/bench_extract.py --slides`).
+    `coords_import`: first write the coords stores of a CLAM/TRIDENT coords folder
+    (`import_coords`), then extract that grid only, for the imported slides only.
     Returns the runner's RunSummary; the stage name is `extract/<feature set>`, so different
     feature sets of one run have their own locks and state.
     """
@@ -711,8 +799,15 @@ def run_extract(
     from wsi_pipe.core.manifest import load_slide_table
     from wsi_pipe.runner import run_slides
 
+    only: set[str] | None = None
+    if coords_import is not None:
+        imported = import_coords(run_dir, coords_import)
+        cfg = cfg.model_copy(update={"mpps": (imported.grid_mpp,)})
+        only = set(imported.slide_ids)
     job = prepare_job(run_dir, cfg, overwrite=overwrite, encoder=encoder)
     entries = load_slide_table(job.layout.slides_table)
+    if only is not None:
+        entries = [e for e in entries if e.slide_id in only]
     log.info(
         "extract %s: %d slides, grids %s, %s on %s, %s",
         job.set_name,

@@ -7,6 +7,11 @@ Labelled data, one of three layouts (CSV paths relative to the CSV's folder or a
     slide,x,y,level,size_px,label[,group]  regions of slides: level-0 top-left (x, y), read
                                          size_px x size_px at `level`, resized to the input px
 
+or the tiles of a run tiled with QuPath annotations (`wsi-pipe tile --annotations`,
+`finetune_from_annotations`): every tile whose stored `annotation_class` is not -1, read as the
+tile stage defines it (`read_level`, `read_size_px`), labelled by the class name, grouped by
+slide; `max_tiles_per_class` samples (seeded) that many tiles per class.
+
 Three splits: train, validation (model selection: the epoch with the best validation balanced
 accuracy is kept) and test, which selection never sees and which is scored once at the end.
 With groups (a `group` column, or `group_regex` matched on file names, e.g. the source slide) the
@@ -27,10 +32,10 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,9 +48,9 @@ from wsi_pipe.core.errors import ConfigError, EmptyInputError, MissingMppError
 from wsi_pipe.core.fsutil import atomic_write_json
 from wsi_pipe.data.images import check_classes, groups_from_regex, read_rgb, scan_image_folder
 from wsi_pipe.encoders import EncoderClassifier, load_encoder, save_encoder
-from wsi_pipe.encoders.augment import augment_batch, normalize
+from wsi_pipe.encoders.augment import augment_batch
 from wsi_pipe.imageops.tiles import resize_tile
-from wsi_pipe.stages.pretrain import resolve_device
+from wsi_pipe.torchutil import make_loader, preprocess, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +145,86 @@ def read_labelled(source: str | Path, group_regex: str | None = None) -> list[La
     return items
 
 
+def annotation_labelled(
+    run_dir: str | Path,
+    mpp: float | None = None,
+    classes: Sequence[str] | None = None,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> tuple[list[LabelledRegion], float]:
+    """Labelled tiles of a run tiled with annotations, grouped by slide, and the grid's mpp.
+
+    mpp: which grid (None = the finest). classes: keep only these class names (None = all).
+    Slides whose store has no `annotation_class` (tiled without --annotations) are skipped.
+    """
+    from wsi_pipe.core.layout import RunLayout
+    from wsi_pipe.core.manifest import load_slide_table, resolve_slide_path
+    from wsi_pipe.store import open_store, schema
+
+    layout = RunLayout(run_dir)
+    grids = layout.tile_mpps()
+    if not grids:
+        raise EmptyInputError(
+            f"{layout.root} has no tiles: run `wsi-pipe tile --annotations DIR` there first"
+        )
+    if mpp is None:
+        mpp = grids[0]
+    match = [m for m in grids if math.isclose(m, mpp, rel_tol=1e-6)]
+    if not match:
+        raise ConfigError(
+            f"mpp {mpp:g} is not a grid of {layout.root} (it has "
+            f"{', '.join(f'{m:g}' for m in grids)}): pick one with --mpp"
+        )
+    mpp = match[0]
+    items: list[LabelledRegion] = []
+    unlabelled = []
+    for e in load_slide_table(layout.slides_table):
+        store = layout.find_coords_store(e.slide_id, mpp)
+        if store is None:
+            unlabelled.append(e.slide_id)
+            continue
+        with open_store(store) as r:
+            if schema.ANNOTATION_CLASS not in r.names:
+                unlabelled.append(e.slide_id)
+                continue
+            names = list(r.array_attrs(schema.ANNOTATION_CLASS)[schema.CLASS_NAMES])
+            cls = r.read(schema.ANNOTATION_CLASS)
+            coords = r.read(schema.COORDS)
+            a = r.attrs
+        grid = schema.GridAttrs.from_attrs(a, str(store))
+        path = resolve_slide_path(
+            e.slide_id, e.path, grid.slide_path, fix="put it back or fix the run's slide table"
+        )
+        level, size = grid.read_level, grid.read_size_px
+        for i in np.flatnonzero(cls >= 0):
+            name = names[int(cls[i])]
+            if classes is None or name in classes:
+                x, y = int(coords[i, 0]), int(coords[i, 1])
+                items.append(LabelledRegion(path, name, x, y, level, size, e.slide_id))
+    if unlabelled:
+        log.warning(
+            "%d slide(s) of %s have no annotation labels at mpp %g (tiled without "
+            "--annotations, or not tiled): %s",
+            len(unlabelled), layout.root, mpp, ", ".join(unlabelled[:10]),
+        )  # fmt: skip
+    if not items:
+        raise EmptyInputError(
+            f"no annotated tiles in {layout.root} at mpp {mpp:g}"
+            + (f" of classes {list(classes)}" if classes else "")
+            + ": tile the slides with `wsi-pipe tile --annotations DIR` (label mode)"
+        )
+    if max_per_class is not None:
+        rng = np.random.default_rng(seed)
+        labels = np.array([it.label for it in items])
+        keep: list[int] = []
+        for c in sorted(set(labels.tolist())):
+            idx = np.flatnonzero(labels == c)
+            keep += sorted(rng.choice(idx, size=min(max_per_class, len(idx)), replace=False))
+        items = [items[i] for i in sorted(keep)]
+    check_classes([it.label for it in items], f"annotation labels of {layout.root}")
+    return items, float(mpp)
+
+
 def read_region_rgb(item: LabelledRegion, out_px: int, readers: dict[str, Any]) -> np.ndarray:
     """The example's pixels as (out_px, out_px, 3) uint8 RGB. `readers` caches slide handles."""
     if item.is_slide_region:
@@ -153,6 +238,8 @@ def read_region_rgb(item: LabelledRegion, out_px: int, readers: dict[str, Any]) 
                 # the region is given in px, so the physical scale is not needed here
                 r = open_slide(item.path, mpp_override=1.0)
             readers[item.path] = r
+        assert item.x is not None and item.y is not None  # is_slide_region: all four are set
+        assert item.level is not None and item.size_px is not None
         region = np.asarray(
             r.read_region((item.x, item.y), item.level, (item.size_px, item.size_px))
         )
@@ -238,16 +325,21 @@ def three_way_split(
         tr, va = stratified_split(y[rest].tolist(), val_fraction / (1 - test_fraction), seed + 1)
         return sorted(rest[i] for i in tr), sorted(rest[i] for i in va), sorted(test)
     g = list(groups)
+    rest_rows: np.ndarray
+    test_rows: np.ndarray
     if test_fraction > 0:
-        rest, test = grouped_holdout(y, g, test_fraction, seed)
+        rest_rows, test_rows = grouped_holdout(y.tolist(), g, test_fraction, seed)
     else:
-        rest, test = idx, np.array([], dtype=np.int64)
-    tr, va = grouped_holdout(
-        y[rest], [g[i] for i in rest], val_fraction / (1 - test_fraction), seed + 1
+        rest_rows, test_rows = idx, np.array([], dtype=np.int64)
+    tr_rows, va_rows = grouped_holdout(
+        y[rest_rows].tolist(),
+        [g[i] for i in rest_rows],
+        val_fraction / (1 - test_fraction),
+        seed + 1,
     )
-    train, val = rest[tr], rest[va]
-    check_groups_disjoint(g, train, val, test)
-    return sorted(train.tolist()), sorted(val.tolist()), sorted(test.tolist())
+    train, val = rest_rows[tr_rows].tolist(), rest_rows[va_rows].tolist()
+    check_groups_disjoint(g, train, val, test_rows.tolist())
+    return sorted(train), sorted(val), sorted(test_rows.tolist())
 
 
 def classification_metrics(
@@ -278,21 +370,15 @@ def classification_metrics(
 
 
 def _loader(ds: Dataset, cfg: FinetuneConfig, shuffle: bool, seed: int) -> DataLoader:
-    return DataLoader(
-        ds,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle,
-        num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(seed),
-        multiprocessing_context="spawn" if cfg.workers > 0 else None,
-        persistent_workers=cfg.workers > 0,
+    return make_loader(
+        ds, batch_size=cfg.batch_size, workers=cfg.workers, seed=seed, shuffle=shuffle
     )
 
 
 def prepare(tiles_u8: torch.Tensor, spec: Any, device: torch.device) -> torch.Tensor:
-    """uint8 tiles (B, 3, H, W) -> normalised float input on `device` (the one preprocessing of
-    training and inference: `augment.normalize` of [0, 1] RGB with the spec's mean/std)."""
-    return normalize(tiles_u8.to(device).float() / 255.0, spec.mean, spec.std)
+    """uint8 tiles (B, 3, H, W) -> normalised float input on `device` (`torchutil.preprocess`,
+    the one preprocessing of training and inference, with the spec's mean/std)."""
+    return preprocess(tiles_u8, spec.mean, spec.std, device)
 
 
 @torch.no_grad()
@@ -348,7 +434,7 @@ def fit_classifier(
     """
     from tqdm.auto import trange
 
-    targets = [int(train_ds[i][1]) for i in range(len(train_ds))]
+    targets = [int(train_ds[i][1]) for i in range(len(cast(Sized, train_ds)))]
     class_w = class_weights(targets, n_classes)
     clf = EncoderClassifier(encoder, n_classes, spec.embed_dim).to(device)
     history: list[dict[str, Any]] = []
@@ -385,7 +471,7 @@ def fit_classifier(
                 loss.backward()
                 opt.step()
             m = None
-            if f_va is not None:
+            if f_va is not None and y_va is not None:
                 head.eval()
                 with torch.no_grad():
                     m = classification_metrics(
@@ -416,7 +502,7 @@ def fit_classifier(
     for epoch in trange(cfg.epochs, disable=not progress, desc="finetune"):
         clf.train()
         for tiles, y in train_loader:
-            x = normalize(augment_batch(tiles, generator=aug_gen).to(device), spec.mean, spec.std)
+            x = preprocess(augment_batch(tiles, generator=aug_gen), spec.mean, spec.std, device)
             loss = F.cross_entropy(clf(x), y.to(device), weight=class_w)
             opt.zero_grad()
             loss.backward()
@@ -425,8 +511,8 @@ def fit_classifier(
             sched.step()
         m = None
         if val_ds is not None:
-            y_va, p_va = predict_proba(clf, val_ds, spec, device, cfg.batch_size)
-            m = classification_metrics(y_va, p_va.argmax(1), n_classes)
+            yv, pv = predict_proba(clf, val_ds, spec, device, cfg.batch_size)
+            m = classification_metrics(yv, pv.argmax(1), n_classes)
         history.append({"epoch": epoch + 1, "loss": float(loss.item()), **(m or {})})
         keep(epoch + 1, m, clf)
     assert best is not None
@@ -457,6 +543,37 @@ def finetune(
     Returns the metrics dict: `test` (never used for selection), `val` (selection), `train`,
     classes, best epoch, split sizes and groups, paths.
     """
+    items = read_labelled(labels, cfg.group_regex)
+    return _finetune_items(
+        encoder_path, items, {"labels": str(Path(labels).resolve())}, out_path, cfg, progress
+    )
+
+
+def finetune_from_annotations(
+    encoder_path: str | Path,
+    run_dir: str | Path,
+    out_path: str | Path,
+    cfg: FinetuneConfig,
+    mpp: float | None = None,
+    classes: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune on the tiles of a run labelled by their stored annotation class (grid `mpp`,
+    None = the finest), grouped by slide: train/val/test keep each slide on one side."""
+    items, grid = annotation_labelled(run_dir, mpp, classes, cfg.max_tiles_per_class, cfg.seed)
+    source = {"annotations_of_run": str(Path(run_dir).resolve()), "mpp": grid}
+    return _finetune_items(encoder_path, items, source, out_path, cfg, progress)
+
+
+def _finetune_items(
+    encoder_path: str | Path,
+    items: list[LabelledRegion],
+    source: dict[str, Any],
+    out_path: str | Path,
+    cfg: FinetuneConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    """Split `items`, train, score, save (see `finetune`); `source` goes into the provenance."""
     t0 = time.time()
     out_path = Path(out_path)
     device = resolve_device(cfg.device)
@@ -466,14 +583,14 @@ def finetune(
     encoder = encoder.to(device)
     px = cfg.input_px or spec.input_px
 
-    items = read_labelled(labels, cfg.group_regex)
     classes = sorted({it.label for it in items})
     targets = [classes.index(it.label) for it in items]
     groups = [it.group for it in items]
     grouped = all(g is not None for g in groups)
+    split_groups = [str(g) for g in groups] if grouped else None
     tr, va, te = three_way_split(
-        targets, groups if grouped else None, cfg.val_fraction, cfg.test_fraction, cfg.seed
-    )  # type: ignore[arg-type]
+        targets, split_groups, cfg.val_fraction, cfg.test_fraction, cfg.seed
+    )
     if not te:
         log.warning("test_fraction is 0: no test split; the validation metrics are optimistic")
     n_classes = len(classes)
@@ -515,7 +632,7 @@ def finetune(
         "stage": "finetune",
         "base_encoder": str(encoder_path),
         "base_weights_hash": base_hash,
-        "data": {"labels": str(Path(labels).resolve()), "n": len(items), **split_info,
+        "data": {**source, "n": len(items), **split_info,
                  "classes": classes},
         "steps": cfg.epochs,
         "loss": history[-1]["loss"],

@@ -21,8 +21,8 @@ import numpy as np
 from wsi_pipe.core.errors import ConfigError, EmptyInputError
 from wsi_pipe.core.fsutil import atomic_write_bytes, atomic_write_text
 from wsi_pipe.core.layout import RunLayout
-from wsi_pipe.core.manifest import SlideEntry, load_slide_table
-from wsi_pipe.imageops.tiles import encode_png, resize_tile
+from wsi_pipe.core.manifest import SlideEntry, load_slide_table, resolve_slide_path
+from wsi_pipe.imageops.tiles import encode_png
 from wsi_pipe.mil.data import bags_from_entries
 from wsi_pipe.mil.ordering import infer_stride_l0
 
@@ -146,15 +146,19 @@ def _slide_path(
 ) -> tuple[str, float | None, str]:
     if override:
         return override, None, "auto"
+    listed, listed_mpp = None, None
     if layout.slides_table.exists():
         for e in load_slide_table(layout.slides_table):
             if e.slide_id == slide_id and e.path:
-                return e.path, e.mpp, "auto"
-    if store_path_attr:
-        return store_path_attr, None, "auto"
+                listed, listed_mpp = e.path, e.mpp
+    if listed or store_path_attr:
+        path = resolve_slide_path(
+            slide_id, listed, store_path_attr, fix="pass --slide-path FILE", must_exist=False
+        )
+        return path, listed_mpp if path == listed else None, "auto"
     raise ConfigError(
         f"slide {slide_id}: its file is not in {layout.slides_table} nor in the feature "
-        "store; pass --slide-path"
+        "store (CLAM/TRIDENT feature files do not record it); pass --slide-path FILE"
     )
 
 
@@ -178,17 +182,27 @@ def heatmap(
     tile_out_px: int = 256,
     slide_path: str | None = None,
     device: str = "auto",
+    features: str | None = None,
 ) -> HeatmapResult:
     """Attention heatmap (PNG) and the `top_k` most attended tiles of one slide of `run_dir`,
-    with the fold models of `model_dir` averaged. Tiles are saved at most `tile_out_px` wide."""
+    with the fold models of `model_dir` averaged. Tiles are saved at most `tile_out_px` wide.
+    `features`: another feature set or a CLAM/TRIDENT feature folder with coords (h5 files;
+    CLAM's pt_files hold none) made with the model's encoder (default: the model's own)."""
+    from wsi_pipe.mil.data import is_foreign_set, resolve_feature_source
     from wsi_pipe.mil.trained import ensemble_predict, load_trained
     from wsi_pipe.readers import open_slide
+    from wsi_pipe.readers.top_tiles import write_top_tiles
     from wsi_pipe.torchutil import resolve_device
 
     layout = RunLayout(run_dir)
     dev = resolve_device(device)
     trained = load_trained(model_dir, dev)
     info = trained.info
+    if features is not None:
+        fset, fmpp = resolve_feature_source(
+            layout, features, None if is_foreign_set(features) else float(info["mpp"])
+        )
+        info = {**info, "feature_set": fset, "mpp": fmpp}
     bags, _ = bags_from_entries(
         layout,
         [SlideEntry(slide_id, "", slide_id)],
@@ -199,7 +213,13 @@ def heatmap(
     )
     bag = bags[0]
     feats, coords = bag.load()
-    if coords is None or len(coords) == 0:
+    if coords is None:
+        raise ConfigError(
+            f"slide {slide_id}: {bag.store_path} holds features without coords (CLAM's pt_files "
+            "have none), so there is nothing to place on the slide: give --features the h5_files/ "
+            "folder beside it (CLAM) or TRIDENT's features_<encoder>/ folder"
+        )
+    if len(coords) == 0:
         raise EmptyInputError(f"slide {slide_id} has no tiles to draw")
     prob, atts = ensemble_predict(trained, bags, dev, with_attention=True)
     att = atts[0]
@@ -215,7 +235,6 @@ def heatmap(
     ]
     csv_path = layout.heatmap_attention_csv(name, slide_id)
     atomic_write_text(csv_path, "\n".join(lines) + "\n")
-    tiles: list[Path] = []
     with open_slide(path, backend=backend, mpp_override=mpp_override, slide_id=slide_id) as reader:
         thumb = reader.get_thumbnail(max_px)
         img = render_heatmap(thumb, coords, tile_l0, att, reader.dimensions, alpha)
@@ -234,18 +253,15 @@ def heatmap(
         )
         png = layout.heatmap_png(name, slide_id)
         atomic_write_bytes(png, encode_png(img))
-        ds = max(1.0, tile_l0 / tile_out_px)
-        level = reader.best_level_for_downsample(ds)
-        lvl_ds = reader.level_downsamples[level]
-        size_lvl = max(1, int(round(tile_l0 / lvl_ds)))
-        for r, i in enumerate(order[: max(0, top_k)], start=1):
-            x, y = int(coords[i, 0]), int(coords[i, 1])
-            tile = reader.read_region((x, y), level, (size_lvl, size_lvl))
-            if tile.shape[0] > tile_out_px:
-                tile = resize_tile(tile, tile_out_px)
-            p = layout.heatmap_top_tiles_dir(name, slide_id) / f"rank{r:02d}_x{x}_y{y}.png"
-            atomic_write_bytes(p, encode_png(tile))
-            tiles.append(p)
+        tiles = write_top_tiles(
+            reader,
+            coords,
+            order,
+            tile_l0,
+            layout.heatmap_top_tiles_dir(name, slide_id),
+            top_k,
+            tile_out_px,
+        )
     probs = {c: float(v) for c, v in zip(trained.classes, prob[0], strict=True)}
     log.info("heatmap %s: %d tiles, prediction %s -> %s", slide_id, len(att), probs, png)
     return HeatmapResult(png, csv_path, tiles, probs)

@@ -28,30 +28,31 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence, Sized
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from wsi_pipe.core.config import PretrainConfig
 from wsi_pipe.core.errors import CheckpointError, ConfigError, EmptyInputError
 from wsi_pipe.core.fsutil import atomic_path, atomic_write_json, atomic_write_text, remove_path
 from wsi_pipe.core.layout import RunLayout
-from wsi_pipe.encoders import MAMIM, create_encoder, get_encoder_spec, save_encoder
-from wsi_pipe.encoders.augment import augment_batch, normalize
-from wsi_pipe.imageops.tiles import resize_tile
-from wsi_pipe.stages.tile_dataset import (
+from wsi_pipe.data.tile_dataset import (
     TileDataset,
     TileSource,
     collate_tiles,
     worker_init,
 )
+from wsi_pipe.encoders import MAMIM, create_encoder, get_encoder_spec, save_encoder
+from wsi_pipe.encoders.augment import augment_batch
+from wsi_pipe.imageops.tiles import resize_tile
 from wsi_pipe.store import open_store, schema
+from wsi_pipe.torchutil import make_loader, preprocess, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,6 @@ STATE_VERSION = 2
 
 
 # -------------------------------------------------------------------------------- helpers
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a ConfigError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"--device {device} was asked for but torch sees no CUDA GPU: use cpu or auto"
-        )
-    return torch.device(device)
-
-
 def output_paths(out_path: str | Path) -> dict[str, Path]:
     """Files written beside the encoder: training state, loss CSV, run summary JSON."""
     out = Path(out_path)
@@ -82,7 +72,8 @@ def output_paths(out_path: str | Path) -> dict[str, Path]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; no weight decay on 1-D parameters (norms, biases, D), A_log and the mask token."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -125,7 +116,7 @@ class SampledTiles:
 
 def sample_tiles(run_dir: str | Path, cfg: PretrainConfig, out_px: int) -> SampledTiles:
     """Collect every coords store of the run's grids and draw up to `cfg.max_tiles` tiles."""
-    from wsi_pipe.core.manifest import load_slide_table
+    from wsi_pipe.core.manifest import load_slide_table, resolve_slide_path
 
     layout = RunLayout(run_dir)
     mpps = list(cfg.mpps) if cfg.mpps else layout.tile_mpps()
@@ -147,20 +138,16 @@ def sample_tiles(run_dir: str | Path, cfg: PretrainConfig, out_px: int) -> Sampl
                 attrs = s.attrs
             if len(coords) == 0:
                 continue
-            path = (
-                e.path if e.path and Path(e.path).exists() else str(attrs.get("slide_path", e.path))
+            path = resolve_slide_path(
+                e.slide_id,
+                e.path,
+                attrs.get("slide_path"),
+                fix=f"put it back, or fix its path in {layout.slides_table}",
+                must_exist=False,  # the workers' read error names the slide and the file
             )
+            grid = schema.GridAttrs.from_attrs(attrs, str(store))
             sources.append(
-                TileSource(
-                    slide_id=e.slide_id,
-                    slide_path=str(path),
-                    backend=str(attrs.get("backend", "auto")),
-                    read_level=int(attrs["read_level"]),
-                    read_size_px=int(attrs["read_size_px"]),
-                    out_px=out_px,
-                    coords=coords,
-                    mpp_override=float(attrs["level0_mpp"]),
-                )
+                TileSource.from_coords_store(grid, coords, out_px=out_px, slide_path=path)
             )
             counts.append(len(coords))
     total = int(sum(counts))
@@ -250,17 +237,39 @@ def _write_loss_csv(path: Path, history: list[tuple[int, float, float]]) -> None
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+@dataclass(frozen=True)
+class PretrainResult:
+    """What a MAMIM run wrote and measured; `<out stem>.pretrain.json` holds the same (`to_dict`)
+    plus the loss curve. first_loss / last_loss: mean of up to 20 steps at each end."""
+
+    out_path: Path
+    content_hash: str
+    steps: int
+    epochs: int
+    first_loss: float
+    last_loss: float
+    n_tiles: int
+    seconds: float
+    device: str
+    loss_csv: Path
+    provenance: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_path"], d["loss_csv"] = str(self.out_path), str(self.loss_csv)
+        return d
+
+
 def pretrain(
     run_dir: str | Path,
     cfg: PretrainConfig,
     out_path: str | Path,
     resume: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> PretrainResult:
     """MAMIM-pretrain `cfg.arch` on the tiles of `run_dir`; write the encoder to `out_path`.
 
-    Returns a summary: out_path, steps, epochs, first/last loss (mean of up to 20 steps),
-    n_tiles, seconds, device. Raises EmptyInputError (no tiles), ConfigError (bad arch / device),
+    Returns a `PretrainResult`. Raises EmptyInputError (no tiles), ConfigError (bad arch / device),
     CheckpointError (unreadable resume state).
     """
     tiles = sample_tiles(run_dir, cfg, cfg.input_px)
@@ -300,7 +309,7 @@ def pretrain_images(
     out_path: str | Path,
     resume: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> PretrainResult:
     """MAMIM-pretrain on ROI images instead of a run's tiles (`wsi-pipe pretrain --images DIR`).
 
     images: a folder (every image under it, recursively; class sub-folders are fine, labels are
@@ -344,13 +353,20 @@ def pretrain_dataset(
     out_path: str | Path,
     resume: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> PretrainResult:
     """MAMIM training loop over `dataset` (items `(tile (3, px, px) uint8, i)`, px =
     `cfg.input_px`); `data_info` goes into the checkpoint's provenance. See `pretrain`."""
     t_start = time.time()
     out_path = Path(out_path)
     paths = output_paths(out_path)
     device = resolve_device(cfg.device)
+    from wsi_pipe.encoders import resolve_encoder_source
+
+    if resolve_encoder_source(cfg.arch).is_checkpoint:
+        raise ConfigError(
+            f"--arch {cfg.arch} is a checkpoint file: pretraining starts from an architecture "
+            "name (e.g. ssmamba_s); to continue an interrupted run use --resume"
+        )
     spec = get_encoder_spec(cfg.arch)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -361,7 +377,7 @@ def pretrain_dataset(
             f"encoder {cfg.arch!r} has no token grid; MAMIM needs ssmamba/medmamba/vit"
         )
     patch = int(getattr(encoder, "patch", 1))
-    stride = int(encoder.total_stride)
+    stride = int(cast(Any, encoder).total_stride)
     if cfg.input_px % stride:
         raise ConfigError(
             f"input_px {cfg.input_px} must be a multiple of {cfg.arch}'s total stride {stride}"
@@ -373,28 +389,26 @@ def pretrain_dataset(
         )
     model = MAMIM(encoder, mask_px=mask_px, norm_pix_loss=cfg.norm_pix_loss).to(device)
 
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    n_items = len(cast(Sized, dataset))  # map-style datasets here all have a length
+    if n_items == 0:
         raise EmptyInputError("nothing to pretrain on: the tile / image set is empty")
-    batch_size = min(cfg.batch_size, len(dataset))
-    sampler = PassSampler(len(dataset), cfg.seed)
-    batches_per_pass = len(dataset) // batch_size
-    loader = DataLoader(
+    batch_size = min(cfg.batch_size, n_items)
+    sampler = PassSampler(n_items, cfg.seed)
+    batches_per_pass = n_items // batch_size
+    loader = make_loader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        workers=cfg.workers,
         # its own generator: each new loader iterator draws a worker base seed, which must not
         # come from the global RNG that DropPath uses (a resumed run would drift from the original)
-        generator=torch.Generator().manual_seed(cfg.seed + 3),
+        seed=cfg.seed + 3,
+        sampler=sampler,
         drop_last=True,
-        num_workers=cfg.workers,
         collate_fn=collate_tiles,
-        worker_init_fn=worker_init if cfg.workers > 0 else None,
-        persistent_workers=cfg.workers > 0,
+        worker_init_fn=worker_init,
         pin_memory=device.type == "cuda",
-        # spawn, not fork: a fork after OpenCV/OpenMP thread pools were used in this process
-        # (e.g. tiling earlier in the same process) can deadlock the worker in cv2 calls
-        multiprocessing_context="spawn" if cfg.workers > 0 else None,
     )
+
     steps_per_epoch = cfg.steps_per_epoch or batches_per_pass
     total_steps = cfg.epochs * steps_per_epoch
 
@@ -462,7 +476,7 @@ def pretrain_dataset(
     log.info(
         "MAMIM pretraining %s: %d tiles sampled of %d (%s), %d steps, batch %d, "
         "input %d px, mask %d px x %.2f, device %s%s",
-        cfg.arch, len(dataset), data_info.get("tiles_available", len(dataset)),
+        cfg.arch, n_items, data_info.get("tiles_available", n_items),
         data_info.get("mpps") or data_info.get("images"), total_steps, batch_size,
         cfg.input_px, mask_px, cfg.mask_ratio, device, f", AMP {amp_dtype}" if use_amp else "",
     )  # fmt: skip
@@ -477,8 +491,8 @@ def pretrain_dataset(
             for tiles_u8, _ in loader:
                 if step >= total_steps:
                     break
-                x = augment_batch(tiles_u8, cfg.stain_jitter, generator=aug_gen).to(device)
-                x = normalize(x, spec.mean, spec.std)
+                x = augment_batch(tiles_u8, cfg.stain_jitter, generator=aug_gen)
+                x = preprocess(x, spec.mean, spec.std, device)
                 mask = model.random_mask(
                     x.shape[0], x.shape[2], x.shape[3], cfg.mask_ratio, mask_gen, device
                 )
@@ -526,20 +540,21 @@ def pretrain_dataset(
     }
     digest = save_encoder(model.encoder, out_path, provenance)
     _write_loss_csv(paths["loss_csv"], history)
-    summary = {
-        "out_path": str(out_path),
-        "content_hash": digest,
-        "steps": step,
-        "epochs": cfg.epochs,
-        "first_loss": first,
-        "last_loss": last,
-        "n_tiles": len(dataset),
-        "seconds": round(time.time() - t_start, 2),
-        "device": str(device),
-        "loss_csv": str(paths["loss_csv"]),
-        "provenance": provenance,
-    }
-    atomic_write_json(paths["summary"], {**summary, "loss_curve": [list(h) for h in history]})
+    result = PretrainResult(
+        out_path=out_path,
+        content_hash=digest,
+        steps=step,
+        epochs=cfg.epochs,
+        first_loss=first,
+        last_loss=last,
+        n_tiles=n_items,
+        seconds=round(time.time() - t_start, 2),
+        device=str(device),
+        loss_csv=paths["loss_csv"],
+        provenance=provenance,
+    )
+    summary = {**result.to_dict(), "loss_curve": [list(h) for h in history]}
+    atomic_write_json(paths["summary"], summary)
     remove_path(paths["state"])  # the encoder is complete; the resume state is no longer needed
     log.info("pretraining done: %d steps, loss %.4f -> %.4f, wrote %s", step, first, last, out_path)
-    return summary
+    return result

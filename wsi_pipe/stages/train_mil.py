@@ -16,7 +16,6 @@ Output folder `RunLayout(run).mil_dir(name)` (name defaults to f"{method}_{featu
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import logging
@@ -35,7 +34,13 @@ from wsi_pipe.core.fsutil import atomic_write_json, atomic_write_text, read_json
 from wsi_pipe.core.layout import RunLayout
 from wsi_pipe.core.manifest import SlideEntry, load_slide_table, read_manifest
 from wsi_pipe.mil import get_spec
-from wsi_pipe.mil.data import Bag, bags_from_entries, resolve_feature_source
+from wsi_pipe.mil.data import (
+    Bag,
+    bags_from_entries,
+    feature_set_label,
+    is_foreign_set,
+    resolve_feature_source,
+)
 from wsi_pipe.mil.metrics import compute_metrics, summarise_folds
 from wsi_pipe.mil.registry import create_aggregator
 from wsi_pipe.mil.splits import (
@@ -80,23 +85,43 @@ def default_name(method: str, feature_set: str) -> str:
     return f"{method}_{feature_set}"
 
 
+#: MilConfig fields that are options of some aggregator family (its constructor's keywords).
+AGGREGATOR_OPTIONS = (
+    "hidden_dim",
+    "dropout",
+    "n_stages",
+    "mask_rule",
+    "mask_k",
+    "mask_mass",
+    "n_layers",
+    "tile_order",
+    "reorder_stride",
+    "scan_backend",
+)
+#: Runtime choices every family may be given without error (not architecture options).
+_RUNTIME_OPTIONS = ("scan_backend",)
+
+
 def aggregator_kwargs(cfg: MilConfig) -> dict[str, Any]:
-    """The MilConfig options the chosen aggregator family accepts."""
+    """The MilConfig options of the chosen aggregator family, checked by its own schema.
+
+    An option the user set (on the command line or in YAML) that the chosen family does not take
+    is a ConfigError naming it and the family's options: it is never silently dropped. Options
+    left at their defaults that the family does not take are simply not passed.
+    """
     spec = get_spec(cfg.method)
-    accepted = set(inspect.signature(spec.cls.__init__).parameters)
-    candidates = dict(
-        hidden_dim=cfg.hidden_dim,
-        dropout=cfg.dropout,
-        n_stages=cfg.n_stages,
-        mask_rule=cfg.mask_rule,
-        mask_k=cfg.mask_k,
-        mask_mass=cfg.mask_mass,
-        n_layers=cfg.n_layers,
-        tile_order=cfg.tile_order,
-        scan_backend=cfg.scan_backend,
-        reorder_stride=cfg.reorder_stride,
+    stray = sorted(
+        k
+        for k in cfg.model_fields_set & set(AGGREGATOR_OPTIONS)
+        if k not in spec.options and k not in _RUNTIME_OPTIONS
     )
-    return {k: v for k, v in candidates.items() if k in accepted}
+    if stray:
+        raise ConfigError(
+            f"MIL method {cfg.method!r} takes no option(s) {stray}; its options are "
+            f"{sorted(k for k in AGGREGATOR_OPTIONS if k in spec.options)}: drop them or choose "
+            "the method they belong to"
+        )
+    return {k: getattr(cfg, k) for k in AGGREGATOR_OPTIONS if k in spec.options}
 
 
 def _folds_for(
@@ -186,6 +211,12 @@ def labelled_entries(layout: RunLayout, manifest: str | Path | None) -> list[Sli
     the manifest the run was tiled from, when every slide there has a label."""
     if manifest is not None:
         return read_manifest(manifest, require_labels=True)
+    if not layout.slides_table.exists():
+        raise ConfigError(
+            f"{layout.root} is not a tiled wsi-pipe run (no {layout.slides_table.name}): pass "
+            "--manifest CSV with slide_id and label (CLAM's dataset CSV case_id, slide_id, label "
+            "works as is)"
+        )
     entries = load_slide_table(layout.slides_table)
     unlabeled = [e.slide_id for e in entries if e.label is None]
     if unlabeled:
@@ -232,7 +263,7 @@ def train_mil(
     """
     t0 = time.perf_counter()
     layout, entries, bags, classes, feature_set, mpp = prepare_training(run_dir, manifest, cfg)
-    paths = layout.mil_run(name or default_name(cfg.method, feature_set))
+    paths = layout.mil_run(name or default_name(cfg.method, feature_set_label(feature_set)))
     out = paths.root
     by_id = {b.bag_id: b for b in bags}
     folds = _folds_for(entries, bags, cfg, paths.splits, overwrite)
@@ -361,6 +392,18 @@ def train_mil(
 
 
 # ------------------------------------------------------------------------------- predict
+def with_feature_source(
+    layout: RunLayout, info: dict[str, Any], features: str | None
+) -> dict[str, Any]:
+    """A trained model's info with `feature_set` (and `mpp`) replaced by `features` when given:
+    a feature set of `layout`'s run (at the model's grid) or a CLAM/TRIDENT feature folder."""
+    if features is None:
+        return info
+    mpp = float(info["mpp"])
+    fset, fmpp = resolve_feature_source(layout, features, None if is_foreign_set(features) else mpp)
+    return {**info, "feature_set": fset, "mpp": fmpp}
+
+
 def entries_from_args(slides: Sequence[str]) -> list[SlideEntry]:
     """Slide entries from slide ids, or from one manifest CSV (labels optional)."""
     if len(slides) == 1 and slides[0].lower().endswith(".csv"):
@@ -376,14 +419,16 @@ def predict(
     slides: Sequence[str],
     out: str | Path | None = None,
     device: str = "auto",
+    features: str | None = None,
 ) -> Path:
     """Apply a trained MIL run to slides of `run_dir` (ids, or a manifest CSV); writes a CSV of
     ensemble probabilities and returns its path (default RUN_DIR/mil/<model name>/inference/
-    predictions.csv)."""
+    predictions.csv). `features`: another feature set or CLAM/TRIDENT feature folder made with
+    the model's encoder (default: the model's own)."""
     layout = RunLayout(run_dir)
     dev = resolve_device(device)
     trained = load_trained(model_dir, dev)
-    info = trained.info
+    info = with_feature_source(layout, trained.info, features)
     entries = entries_from_args(slides)
     classes = trained.classes
     entries = [

@@ -94,6 +94,7 @@ class StoreReader(abc.ABC):
             {n: self.shape(n) for n in names},
             {n: self.dtype(n) for n in names},
             str(self.path),
+            {n: self.array_attrs(n) for n in names if n == schema.ANNOTATION_CLASS},
         )
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -13,7 +13,6 @@ when enlarging; no resize when the sizes match).
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -26,6 +25,8 @@ from torch.utils.data import Dataset, default_collate
 
 from wsi_pipe.core.errors import SlideReadError
 from wsi_pipe.imageops.tiles import resize_tile
+from wsi_pipe.store.schema import GridAttrs
+from wsi_pipe.torchutil import make_loader
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,24 @@ class TileSource:
     out_px: int
     coords: np.ndarray
     mpp_override: float | None = None
+
+    @classmethod
+    def from_coords_store(
+        cls, grid: GridAttrs, coords: np.ndarray, *, out_px: int, slide_path: str | None = None
+    ) -> TileSource:
+        """The tiles of a coords (or feature) store: its `GridAttrs` say how they are read (at
+        the level-0 mpp the coords were made with); `slide_path` overrides the stored path
+        (`core.manifest.resolve_slide_path` picks it)."""
+        return cls(
+            slide_id=grid.slide_id,
+            slide_path=slide_path or grid.slide_path,
+            backend=grid.backend,
+            read_level=grid.read_level,
+            read_size_px=grid.read_size_px,
+            out_px=int(out_px),
+            coords=np.asarray(coords, dtype=np.int64),
+            mpp_override=grid.level0_mpp,
+        )
 
 
 class TileDataset(Dataset):
@@ -132,25 +151,11 @@ def collate_tiles(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, 
 def worker_init(worker_id: int) -> None:
     """DataLoader worker setup: one compute thread per worker (decoding is the parallelism).
 
-    Workers come from `worker_context()`, a clean forkserver, so OpenCV's thread pool was never
+    Workers come from `torchutil.worker_context()`, a clean forkserver, so OpenCV's thread pool was never
     started in their parent and can be reconfigured safely.
     """
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-
-
-def worker_context() -> mp.context.BaseContext:
-    """Multiprocessing context of DataLoader workers: a forkserver that has imported this module.
-
-    Plain fork copies the caller's state: a live OpenCV or OpenMP thread pool (any earlier cv2
-    call, e.g. the tile stage in the same process) deadlocks the child, and zarr/fsspec event-loop
-    threads do not survive a fork. Spawn is safe but imports torch in every worker of every slide.
-    A forkserver is started once per process, clean, with torch, cv2 and the readers imported, so
-    each worker is a fast fork of a process that never ran a thread pool.
-    """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["wsi_pipe.stages.extract", "wsi_pipe.readers"])
-    return ctx
 
 
 # ------------------------------------------------------------------ workers kept across slides
@@ -278,22 +283,17 @@ class TilePool:
         self._it: Any = None  # the loader's current iterator (it owns the worker processes)
 
     def _make_loader(self) -> torch.utils.data.DataLoader:
-        kwargs: dict[str, Any] = {}
-        if self.workers > 0:
-            kwargs = {
-                "prefetch_factor": self.prefetch_factor,
-                "worker_init_fn": worker_init,
-                "multiprocessing_context": worker_context(),
-                "persistent_workers": self.persistent,
-            }
-        return torch.utils.data.DataLoader(
+        return make_loader(
             self._reader,
             batch_size=None,
+            workers=self.workers,
+            seed=0,  # requests come in order; nothing is drawn at random
             sampler=self._sampler,
-            num_workers=self.workers,
             collate_fn=_as_is,
+            worker_init_fn=worker_init,
             pin_memory=self.pin_memory,
-            **kwargs,
+            prefetch_factor=self.prefetch_factor,
+            persistent=self.persistent,
         )
 
     def batches(
