@@ -346,3 +346,23 @@ def test_cuda_matches_cpu(name: str) -> None:
     o = m(x.cuda(), c.cuda())
     torch.nn.functional.cross_entropy(o.logits[None], torch.tensor([1], device="cuda")).backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_mamba_uses_the_stored_grid_stride() -> None:
+    """A grid not anchored at (0, 0) with a non-integer stride (a CLAM grid starts at its tissue
+    contour; 256 px at 0.5 um/px on a 0.263 um/px slide is 486.69 level-0 px): the stride the
+    store recorded gives the true Hilbert order, inference from the coords cannot."""
+    step = 256 * 0.5 / 0.263
+    cells = np.array([(i, j) for j in range(5) for i in range(6)])
+    coords = np.round(37 + cells * step).astype(np.int64)
+    true_order = tile_order(coords, "hilbert", step)
+    assert true_order is not None
+    assert (true_order != tile_order(coords, "hilbert", None)).any()  # the case that matters
+    m = tiny("mamba", tile_order="hilbert").eval()
+    seq = tiny("mamba").eval()  # the same weights (same seed), reading rows as given
+    seq.load_state_dict(m.state_dict())
+    x = torch.randn(len(coords), IN_DIM)
+    with torch.no_grad():
+        out = m(x, torch.from_numpy(coords), step)
+        ref = seq(x[torch.from_numpy(true_order)])
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-6)

@@ -47,6 +47,7 @@ def write_feature_store(layout: RunLayout, bag: Bag, slide_path: str = "") -> Pa
             "target_mpp": MPP,
             "tile_px": 256,
             "tile_size_level0": 512,
+            "stride_level0": 512.0,
             "slide_path": slide_path,
             "encoder": "toy",
         },
@@ -161,6 +162,7 @@ def test_saved_models_reproduce_fold_predictions_and_predict(tmp_path: Path) -> 
         classes=meta["classes"],
         require_labels=False,
     )
+    assert {b.stride_l0 for b in bags} == {512.0}  # the stored grid stride reaches the model
     prob, _ = predict_bags(model, bags, torch.device("cpu"))
     np.testing.assert_allclose(
         prob[:, 1], [float(r["prob_class1"]) for r in fold0], rtol=1e-5, atol=1e-6

@@ -74,7 +74,9 @@ class ABMIL(Aggregator):
         self.attention = GatedAttention(hidden_dim, attn_dim, dropout=dropout)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, step_l0: float | None = None
+    ) -> MilOutput:
         """x: (n_tiles, in_dim) -> logits (n_classes,), attention (n_tiles,)."""
         self.check_bag(x, self.in_dim)
         h = self.proj(x)  # (n, hidden)

@@ -42,7 +42,9 @@ class MeanPool(Aggregator):
         self.proj = instance_mlp(in_dim, hidden_dim, n_proj_layers, dropout, taper)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, step_l0: float | None = None
+    ) -> MilOutput:
         """x: (n_tiles, in_dim) -> logits (n_classes,), attention (n_tiles,)."""
         self.check_bag(x, self.in_dim)
         h = self.proj(x)
@@ -82,7 +84,9 @@ class MaxPool(Aggregator):
         self.proj = instance_mlp(in_dim, hidden_dim, n_proj_layers, dropout, taper)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, step_l0: float | None = None
+    ) -> MilOutput:
         """x: (n_tiles, in_dim) -> logits (n_classes,), attention (n_tiles,)."""
         self.check_bag(x, self.in_dim)
         h = self.proj(x)

@@ -21,6 +21,7 @@ import numpy as np
 from wsi_pipe.core.errors import ConfigError, EmptyInputError, StoreSchemaError
 from wsi_pipe.core.layout import RunLayout, parse_mpp_tag
 from wsi_pipe.core.manifest import SlideEntry, resolve_slide_path
+from wsi_pipe.mil.ordering import stride_from_attrs
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Bag:
     slide_path: str | None = None
     #: "store" (a wsi-pipe feature store) or "foreign" (a CLAM/TRIDENT .h5 / .pt file)
     source: str = "store"
+    #: grid stride in level-0 px as the store recorded it (`stride_level0`); None = infer
+    stride_l0: float | None = None
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(features (n, dim) float32, coords (n, 2) int64 level-0 px or None)."""
@@ -233,6 +236,7 @@ def bags_from_entries(
             n, d = r.shape(schema.FEATURES)
             tile_l0 = r.attrs.get("tile_size_level0") or r.attrs.get("patch_size_level0")
             slide_path = r.attrs.get("slide_path")
+            stride_l0 = stride_from_attrs(r.attrs)
         if n == 0:
             empty.append(e.slide_id)
             continue
@@ -251,6 +255,7 @@ def bags_from_entries(
                     e.slide_id, e.path, slide_path, fix="", must_exist=False
                 )
                 or None,
+                stride_l0=stride_l0,
             )
         )
     _check_bags(missing, empty, dims, feature_set, str(layout.features_dir(feature_set, mpp)))

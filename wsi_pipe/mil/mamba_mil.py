@@ -124,9 +124,13 @@ class MambaMIL(Aggregator):
         self.attention = GatedAttention(hidden_dim, attn_dim, dropout=dropout)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, step_l0: float | None = None
+    ) -> MilOutput:
         """x: (n_tiles, in_dim); coords: (n_tiles, 2) int64 level-0 px (needed unless
-        tile_order == "store"). Returns logits (n_classes,), attention (n_tiles,) in input order."""
+        tile_order == "store"); step_l0: the grid stride the store recorded (None: inferred from
+        the coords, `ordering.infer_stride_l0`). Returns logits (n_classes,), attention (n_tiles,)
+        in input order."""
         self.check_bag(x, self.in_dim)
         n = x.shape[0]
         order = None
@@ -135,7 +139,7 @@ class MambaMIL(Aggregator):
                 raise ValueError(
                     f"mamba with tile_order={self.tile_order!r} needs the tiles' coords"
                 )
-            perm = tile_order(coords.detach().cpu().numpy(), self.tile_order)
+            perm = tile_order(coords.detach().cpu().numpy(), self.tile_order, step_l0)
             assert perm is not None
             order = torch.from_numpy(np.ascontiguousarray(perm)).to(x.device)
             x = x[order]

@@ -149,7 +149,9 @@ class MSMMIL(Aggregator):
                     keep[top] = False
         return torch.stack(embeds), torch.stack(alphas), torch.stack(keeps)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, step_l0: float | None = None
+    ) -> MilOutput:
         """x: (n_tiles, in_dim) -> logits (n_classes,), attention (n_tiles,) = sum_s beta_s alpha_s."""
         z, alphas, _ = self.stages(x)
         beta = torch.softmax(self.stage_pool(z), dim=0)  # (S,)

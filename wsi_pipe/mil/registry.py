@@ -31,7 +31,8 @@ class MilOutput(NamedTuple):
 
 
 class Aggregator(nn.Module):
-    """Base class: `forward(x: (n_tiles, in_dim), coords: (n_tiles, 2) int64 level-0 px | None)`.
+    """Base class: `forward(x: (n_tiles, in_dim), coords: (n_tiles, 2) int64 level-0 px | None,
+    step_l0: grid stride in level-0 px | None)`.
 
     Subclasses store their constructor arguments in `self.init_kwargs` (JSON-able) so a
     checkpoint can rebuild them with `create_aggregator(name, in_dim, n_classes, **init_kwargs)`.
@@ -50,8 +51,10 @@ class Aggregator(nn.Module):
         self.init_kwargs: dict[str, Any] = {}
 
     def forward(
-        self, x: torch.Tensor, coords: torch.Tensor | None = None
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, step_l0: float | None = None
     ) -> MilOutput:  # pragma: no cover
+        """step_l0: the bag's grid stride in level-0 px as its store recorded it
+        (`stride_level0`), for families that order tiles on the grid; the others ignore it."""
         raise NotImplementedError
 
     @staticmethod

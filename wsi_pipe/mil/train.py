@@ -47,9 +47,12 @@ class MilModel(nn.Module):
         self.feat_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.feat_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MilOutput:
-        """x: (n_tiles, in_dim) raw features; coords: (n_tiles, 2) int64 level-0 px or None."""
-        return self.aggregator((x - self.feat_mean) / self.feat_std, coords)
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, step_l0: float | None = None
+    ) -> MilOutput:
+        """x: (n_tiles, in_dim) raw features; coords: (n_tiles, 2) int64 level-0 px or None;
+        step_l0: the bag's stored grid stride in level-0 px or None."""
+        return self.aggregator((x - self.feat_mean) / self.feat_std, coords, step_l0)
 
 
 def feature_stats(bags: Sequence[Bag]) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +128,7 @@ def evaluate_loss(
     with torch.no_grad():
         for b in bags:
             x, c = _to_tensors(*b.load(), device)
-            out = model(x, c)
+            out = model(x, c, b.stride_l0)
             y = torch.tensor([b.label], device=device)
             losses.append(float(loss_fn(out.logits[None], y)))
             correct += int(int(out.logits.argmax()) == b.label)
@@ -174,7 +177,7 @@ def fit(
                 keep = np.sort(rng.choice(len(x), params.max_bag_train, replace=False))
                 x, c = x[keep], (c[keep] if c is not None else None)
             xt, ct = _to_tensors(x, c, device)
-            out = model(xt, ct)
+            out = model(xt, ct, b.stride_l0)
             loss = loss_fn(out.logits[None], torch.tensor([b.label], device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,7 +217,7 @@ def predict_bags(
     probs, atts = [], []
     for b in bags:
         x, c = _to_tensors(*b.load(), device)
-        out = model(x, c)
+        out = model(x, c, b.stride_l0)
         probs.append(torch.softmax(out.logits.float(), -1).cpu().numpy())
         if with_attention:
             atts.append(out.attention.float().cpu().numpy())

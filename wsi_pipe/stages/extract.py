@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from wsi_pipe.torchutil import (
     torch_threads,
     worker_context,
 )
+
+if TYPE_CHECKING:  # the runner imports the stages; the stages call it lazily
+    from wsi_pipe.runner.loop import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -783,7 +786,7 @@ def run_extract(
     encoder: EncoderBundle | None = None,
     persistent_workers: bool = True,
     coords_import: CoordsImport | None = None,
-) -> Any:
+) -> RunSummary:
     """Extract features for every slide of the run (its slide table) at the chosen grids.
 
     `encoder` (optional) replaces the one named by `cfg` (benchmarks, tests of the loop).

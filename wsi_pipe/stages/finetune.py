@@ -388,7 +388,7 @@ def embed_dataset(
     """(features (n, embed_dim) float32 CPU, targets (n,)) of a frozen encoder, in eval mode."""
     encoder.eval()
     feats, ys = [], []
-    for tiles, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+    for tiles, y in make_loader(ds, batch_size=batch_size, workers=0, seed=0):
         feats.append(encoder(prepare(tiles, spec, device)).float().cpu())
         ys.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(ys)
@@ -401,7 +401,7 @@ def predict_proba(
     """(targets (n,), class probabilities (n, n_classes)) of a classifier in eval mode."""
     clf.eval()
     ys, probs = [], []
-    for tiles, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+    for tiles, y in make_loader(ds, batch_size=batch_size, workers=0, seed=0):
         probs.append(torch.softmax(clf(prepare(tiles, spec, device)).float(), 1).cpu())
         ys.append(torch.as_tensor(y))
     return torch.cat(ys).numpy(), torch.cat(probs).numpy()

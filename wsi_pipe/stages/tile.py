@@ -38,7 +38,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -55,6 +55,9 @@ from wsi_pipe.imageops.tiles import encode_png
 from wsi_pipe.imageops.tissue import TissueMask, box_fractions, segment_tissue
 from wsi_pipe.readers import open_slide
 from wsi_pipe.store import create_store, open_store, schema
+
+if TYPE_CHECKING:  # the runner imports the stages; the stages call it lazily
+    from wsi_pipe.runner.loop import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +532,7 @@ def run_tile(
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
-) -> Any:
+) -> RunSummary:
     """Tile every slide of `inputs` (folders, files or a manifest) into run folder `out`.
 
     Saves the resolved config and the slide table, then runs `tile_slide` per slide through the
