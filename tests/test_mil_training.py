@@ -293,6 +293,11 @@ def test_too_few_patients_per_class_and_unknown_method(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'abmil' takes no option\(s\) \['n_stages'\]"):
         train_mil(run, manifest, small_cfg(n_stages=2))
     assert _no_training_happened(run)
+    # a resolved config written in full (config/, Slurm stage configs) reads back as it was
+    from wsi_pipe.stages.train_mil import aggregator_kwargs
+
+    full = MilConfig(**small_cfg().model_dump())
+    assert aggregator_kwargs(full) == {"hidden_dim": 16, "dropout": 0.0}
 
 
 def test_empty_feature_store_is_reported(tmp_path: Path) -> None:

@@ -105,15 +105,19 @@ _RUNTIME_OPTIONS = ("scan_backend",)
 def aggregator_kwargs(cfg: MilConfig) -> dict[str, Any]:
     """The MilConfig options of the chosen aggregator family, checked by its own schema.
 
-    An option the user set (on the command line or in YAML) that the chosen family does not take
-    is a ConfigError naming it and the family's options: it is never silently dropped. Options
-    left at their defaults that the family does not take are simply not passed.
+    An option the chosen family does not take, set (on the command line or in YAML) to
+    anything but its default, is a ConfigError naming it and the family's options: it is never
+    silently dropped. At their defaults such options are simply not passed, so a resolved config
+    written in full (`config/`, the Slurm stage configs) reads back as it was.
     """
     spec = get_spec(cfg.method)
+    defaults = type(cfg).model_fields
     stray = sorted(
         k
         for k in cfg.model_fields_set & set(AGGREGATOR_OPTIONS)
-        if k not in spec.options and k not in _RUNTIME_OPTIONS
+        if k not in spec.options
+        and k not in _RUNTIME_OPTIONS
+        and getattr(cfg, k) != defaults[k].default
     )
     if stray:
         raise ConfigError(
