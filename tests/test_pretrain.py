@@ -10,10 +10,10 @@ import torch
 
 from wsi_pipe.core.config import PretrainConfig, TileConfig
 from wsi_pipe.core.errors import EmptyInputError
-from wsi_pipe.core.layout import RunLayout
+from wsi_pipe.core.layout import EncoderSideFiles, RunLayout
 from wsi_pipe.encoders import load_encoder, read_provenance
 from wsi_pipe.stages import pretrain as pretrain_mod
-from wsi_pipe.stages.pretrain import output_paths, pretrain, warmup_cosine
+from wsi_pipe.stages.pretrain import pretrain, warmup_cosine
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_mamim_on_real_tiles_lowers_loss(tiled_run):
     out = tiled_run / "models" / "ssmamba.pt"
     cfg = small_cfg(workers=1)  # tiles are read by a DataLoader worker process
     r = pretrain(tiled_run, cfg, out, progress=False)
-    losses = read_losses(output_paths(out)["loss_csv"])
+    losses = read_losses(EncoderSideFiles.of(out).loss_csv)
     assert len(losses) == 60 == r.steps
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.8 * first, (
@@ -72,15 +72,15 @@ def test_mamim_on_real_tiles_lowers_loss(tiled_run):
     assert spec.name == "ssmamba_tiny" and spec.weights_hash == r.content_hash[:16]
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 64)
-    summary = json.loads(output_paths(out)["summary"].read_text())
+    summary = json.loads(EncoderSideFiles.of(out).summary.read_text())
     assert len(summary["loss_curve"]) == 60
-    assert not output_paths(out)["state"].exists()
+    assert not EncoderSideFiles.of(out).state.exists()
 
 
 def test_resume_continues_from_the_last_checkpoint(tiled_run, tmp_path, monkeypatch):
     out = tmp_path / "resumed.pt"
     cfg = small_cfg(steps_per_epoch=10, checkpoint_every=4, max_tiles=200)
-    state = output_paths(out)["state"]
+    state = EncoderSideFiles.of(out).state
 
     def crash(*a, **k):
         raise RuntimeError("simulated crash after training, before the encoder was written")
@@ -92,11 +92,11 @@ def test_resume_continues_from_the_last_checkpoint(tiled_run, tmp_path, monkeypa
     assert state.exists() and not out.exists()
     saved = torch.load(state, weights_only=True)
     assert saved["step"] == 8
-    before = read_losses(output_paths(out)["loss_csv"])
+    before = read_losses(EncoderSideFiles.of(out).loss_csv)
     assert len(before) == 8
     r = pretrain(tiled_run, cfg, out, resume=True, progress=False)
     assert r.steps == 10 and out.exists() and not state.exists()
-    after = read_losses(output_paths(out)["loss_csv"])
+    after = read_losses(EncoderSideFiles.of(out).loss_csv)
     assert len(after) == 10 and after[:8] == before
 
 
@@ -110,7 +110,7 @@ def test_resume_ignores_a_state_of_another_config(tiled_run, tmp_path, monkeypat
     other = small_cfg(steps_per_epoch=6, checkpoint_every=2, max_tiles=100, lr=1e-3)
     r = pretrain(tiled_run, other, out, resume=True, progress=False)
     assert r.steps == 6 and "another arch/config" in caplog.text
-    assert len(read_losses(output_paths(out)["loss_csv"])) == 6
+    assert len(read_losses(EncoderSideFiles.of(out).loss_csv)) == 6
 
 
 def test_lr_schedule_warmup_then_cosine():

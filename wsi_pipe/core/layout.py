@@ -366,6 +366,35 @@ class MilRunPaths:
         return self.root / "inference" / "predictions.csv"
 
 
+@dataclass(frozen=True)
+class EncoderSideFiles:
+    """Files `wsi-pipe pretrain` writes beside an encoder checkpoint `<stem>.pt` (which may live
+    outside a run, `--out`): the resume state `<name>.state.pt` (removed when training ends), the
+    loss curve `<stem>.loss.csv` and the summary `<stem>.pretrain.json`."""
+
+    state: Path
+    loss_csv: Path
+    summary: Path
+
+    #: suffix of the summary file, for finding the summaries in a folder
+    SUMMARY_SUFFIX = ".pretrain.json"
+
+    @classmethod
+    def of(cls, checkpoint: str | Path) -> EncoderSideFiles:
+        out = Path(checkpoint)
+        return cls(
+            state=out.with_name(out.name + ".state.pt"),
+            loss_csv=out.with_name(out.stem + ".loss.csv"),
+            summary=out.with_name(out.stem + cls.SUMMARY_SUFFIX),
+        )
+
+    @classmethod
+    def from_summary(cls, summary: str | Path) -> EncoderSideFiles:
+        """The side files of the checkpoint whose summary is `summary`."""
+        s = Path(summary)
+        return cls.of(s.with_name(s.name[: -len(cls.SUMMARY_SUFFIX)] + ".pt"))
+
+
 def find_run_dir(start: str | Path | None = None) -> Path:
     """The run folder holding `start` (default: the current directory), searched upwards.
 

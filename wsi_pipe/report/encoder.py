@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipe.core.layout import EncoderSideFiles
 from wsi_pipe.report.common import (
     Ctx,
     add_plot,
@@ -27,11 +28,11 @@ def encoder(ctx: Ctx) -> str | None:
     if not d.is_dir():
         return None
     parts = []
-    for summ in sorted(d.glob("*.pretrain.json")):
+    for summ in sorted(d.glob("*" + EncoderSideFiles.SUMMARY_SUFFIX)):
         s = load_json(summ, ctx)
         if not isinstance(s, dict):
             continue
-        stem = summ.name[: -len(".pretrain.json")]
+        stem = summ.name[: -len(EncoderSideFiles.SUMMARY_SUFFIX)]
         src = ctx.rel(summ)
         prov = s.get("provenance") or {}
         cfg = prov.get("config") or {}
@@ -51,7 +52,7 @@ def encoder(ctx: Ctx) -> str | None:
                 esc(s.get("device", "")),
             ),
         ]
-        loss_csv = d / f"{stem}.loss.csv"
+        loss_csv = EncoderSideFiles.from_summary(summ).loss_csv
         rows = read_csv_rows(loss_csv)
         if rows:
             step = np.array([to_float(r["step"]) for r in rows])

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from wsi_pipe.core.layout import EncoderSideFiles
 from wsi_pipe.report.common import (
     Ctx,
     human_seconds,
@@ -89,11 +90,11 @@ def _timing_rows(ctx: Ctx, states: dict[str, dict[str, dict[str, Any]]]) -> list
             ]
         )
     md = ctx.layout.models_dir
-    for summ in sorted(md.glob("*.pretrain.json")) if md.is_dir() else []:
+    for summ in sorted(md.glob("*" + EncoderSideFiles.SUMMARY_SUFFIX)) if md.is_dir() else []:
         s = load_json(summ, ctx) or {}
         rows.append(
             [
-                esc(f"pretrain ({summ.name[:-14]})"),
+                esc(f"pretrain ({summ.name[: -len(EncoderSideFiles.SUMMARY_SUFFIX)]})"),
                 "",
                 esc(human_seconds(to_float(s.get("seconds")))),
                 "",

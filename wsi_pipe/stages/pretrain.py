@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, Sampler
 from wsi_pipe.core.config import PretrainConfig
 from wsi_pipe.core.errors import CheckpointError, ConfigError, EmptyInputError
 from wsi_pipe.core.fsutil import atomic_path, atomic_write_json, atomic_write_text, remove_path
-from wsi_pipe.core.layout import RunLayout
+from wsi_pipe.core.layout import EncoderSideFiles, RunLayout
 from wsi_pipe.data.tile_dataset import (
     TileDataset,
     TileSource,
@@ -60,16 +60,6 @@ STATE_VERSION = 2
 
 
 # -------------------------------------------------------------------------------- helpers
-def output_paths(out_path: str | Path) -> dict[str, Path]:
-    """Files written beside the encoder: training state, loss CSV, run summary JSON."""
-    out = Path(out_path)
-    return {
-        "state": out.with_name(out.name + ".state.pt"),
-        "loss_csv": out.with_name(out.stem + ".loss.csv"),
-        "summary": out.with_name(out.stem + ".pretrain.json"),
-    }
-
-
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; no weight decay on 1-D parameters (norms, biases, D), A_log and the mask token."""
     decay: list[nn.Parameter] = []
@@ -358,7 +348,7 @@ def pretrain_dataset(
     `cfg.input_px`); `data_info` goes into the checkpoint's provenance. See `pretrain`."""
     t_start = time.time()
     out_path = Path(out_path)
-    paths = output_paths(out_path)
+    paths = EncoderSideFiles.of(out_path)
     device = resolve_device(cfg.device)
     from wsi_pipe.encoders import resolve_encoder_source
 
@@ -424,19 +414,19 @@ def pretrain_dataset(
     step = 0
     history: list[tuple[int, float, float]] = []
     st: dict[str, Any] | None = None
-    if resume and paths["state"].exists():
+    if resume and paths.state.exists():
         try:
-            st = torch.load(paths["state"], map_location="cpu", weights_only=True)
+            st = torch.load(paths.state, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(
-                f"training state {paths['state']} is unreadable ({type(e).__name__}); delete it and "
+                f"training state {paths.state} is unreadable ({type(e).__name__}); delete it and "
                 "re-run without --resume"
             ) from None
         if st.get("arch") != cfg.arch or st.get("config_hash") != cfg.config_hash():
             log.warning(
                 "training state %s was written with another arch/config (%s, %s): it does not "
                 "fit this run, starting from step 0 (it will be overwritten)",
-                paths["state"], st.get("arch"), st.get("config_hash"),
+                paths.state, st.get("arch"), st.get("config_hash"),
             )  # fmt: skip
             st = None
     if resume and st is not None:
@@ -449,13 +439,13 @@ def pretrain_dataset(
         torch.set_rng_state(st["torch_rng"])
         step = int(st["step"])
         history = [(int(s), float(v), float(lr)) for s, v, lr in st["history"]]
-        log.info("resuming pretraining from step %d of %d (%s)", step, total_steps, paths["state"])
-    elif resume and not paths["state"].exists():
-        log.info("no training state at %s; starting from step 0", paths["state"])
+        log.info("resuming pretraining from step %d of %d (%s)", step, total_steps, paths.state)
+    elif resume and not paths.state.exists():
+        log.info("no training state at %s; starting from step 0", paths.state)
 
     def save_state() -> None:
         _save_state(
-            paths["state"],
+            paths.state,
             {
                 "version": STATE_VERSION,
                 "arch": cfg.arch,
@@ -471,7 +461,7 @@ def pretrain_dataset(
                 "history": [list(h) for h in history],
             },
         )
-        _write_loss_csv(paths["loss_csv"], history)
+        _write_loss_csv(paths.loss_csv, history)
 
     log.info(
         "MAMIM pretraining %s: %d tiles sampled of %d (%s), %d steps, batch %d, "
@@ -539,7 +529,7 @@ def pretrain_dataset(
         "amp": str(amp_dtype) if use_amp else None,
     }
     digest = save_encoder(model.encoder, out_path, provenance)
-    _write_loss_csv(paths["loss_csv"], history)
+    _write_loss_csv(paths.loss_csv, history)
     result = PretrainResult(
         out_path=out_path,
         content_hash=digest,
@@ -550,11 +540,11 @@ def pretrain_dataset(
         n_tiles=n_items,
         seconds=round(time.time() - t_start, 2),
         device=str(device),
-        loss_csv=paths["loss_csv"],
+        loss_csv=paths.loss_csv,
         provenance=provenance,
     )
     summary = {**result.to_dict(), "loss_curve": [list(h) for h in history]}
-    atomic_write_json(paths["summary"], summary)
-    remove_path(paths["state"])  # the encoder is complete; the resume state is no longer needed
+    atomic_write_json(paths.summary, summary)
+    remove_path(paths.state)  # the encoder is complete; the resume state is no longer needed
     log.info("pretraining done: %d steps, loss %.4f -> %.4f, wrote %s", step, first, last, out_path)
     return result
