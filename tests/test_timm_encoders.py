@@ -183,7 +183,7 @@ def test_foundation_model_loads_and_equals_timm_reduced_depth(name: str, tmp_pat
     assert len(hashes) == 1 and None not in hashes  # the same tensors, whatever the container
 
 
-@pytest.mark.slow
+@pytest.mark.big
 @pytest.mark.parametrize("name", sorted(CARDS))
 def test_foundation_model_equals_timm_at_real_depth(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -364,7 +364,7 @@ def test_cli_extract_with_a_named_timm_encoder(tmp_path: Path) -> None:
     _cli_extract_equals_direct("foundation_tiny", w, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.big
 def test_cli_extract_with_uni(tmp_path: Path) -> None:
     torch.manual_seed(0)
     w = tmp_path / "uni.bin"
