@@ -12,9 +12,11 @@ manifest's slide_id by file stem, and their bags load through the same `Bag.load
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,40 +150,61 @@ def feature_set_label(feature_set: str) -> str:
     return open_feature_folder(feature_set).label
 
 
-def _foreign_bags(
-    entries: Sequence[SlideEntry], feature_set: str, classes: Sequence[str]
-) -> tuple[list[Bag], list[str], list[str], dict[int, list[str]]]:
-    """Bags of a CLAM/TRIDENT feature folder: (bags, missing ids, empty ids, ids by width)."""
-    from wsi_pipe.interop.features import open_feature_folder
+#: What a bag source says of one slide's file: None (no file), else (path, n_tiles, dim, the
+#: remaining Bag fields).
+_Header = tuple[Path, int, int, dict[str, Any]] | None
 
-    folder = open_feature_folder(feature_set)
+
+def _gather_bags(
+    entries: Sequence[SlideEntry],
+    classes: Sequence[str],
+    header: Callable[[SlideEntry], _Header],
+) -> tuple[list[Bag], list[str], list[str], dict[int, list[str]]]:
+    """(bags, missing ids, empty ids, ids by feature width) of `entries`, whatever the source."""
     missing, empty, bags = [], [], []
     dims: dict[int, list[str]] = {}
     for e in entries:
-        p = folder.find(e.slide_id)
-        if p is None:
+        h = header(e)
+        if h is None:
             missing.append(e.slide_id)
             continue
-        n, d, tile_l0 = folder.header(p)
+        p, n, d, extra = h
         if n == 0:
             empty.append(e.slide_id)
             continue
         dims.setdefault(int(d), []).append(e.slide_id)
         label = classes.index(str(e.label)) if (e.label and str(e.label) in classes) else -1
-        bags.append(
-            Bag(
-                e.slide_id,
-                label,
-                e.patient_id,
-                int(n),
-                int(d),
-                store_path=p,
-                tile_size_l0=tile_l0,
-                slide_path=e.path or None,
-                source="foreign",
-            )
-        )
+        bags.append(Bag(e.slide_id, label, e.patient_id, int(n), int(d), store_path=p, **extra))
     return bags, missing, empty, dims
+
+
+def _foreign_header(folder: Any, e: SlideEntry) -> _Header:
+    """A CLAM/TRIDENT feature file, matched by file stem (no slide path or stride recorded)."""
+    p = folder.find(e.slide_id)
+    if p is None:
+        return None
+    n, d, tile_l0 = folder.header(p)
+    return p, int(n), int(d), {"tile_size_l0": tile_l0, "slide_path": e.path or None,
+                               "source": "foreign"}  # fmt: skip
+
+
+def _store_header(layout: RunLayout, feature_set: str, mpp: float, e: SlideEntry) -> _Header:
+    """A wsi-pipe feature store: its tile size, slide path and grid stride as recorded."""
+    from wsi_pipe.store import open_store, schema
+
+    p = layout.find_feature_store(feature_set, e.slide_id, mpp)
+    if p is None:
+        return None
+    with open_store(p) as r:
+        if r.attrs.get("kind") != schema.KIND_FEATURES or schema.FEATURES not in r.names:
+            raise StoreSchemaError(f"{p} is not a feature store: re-run `wsi-pipe extract`")
+        n, d = r.shape(schema.FEATURES)
+        tile_l0 = r.attrs.get("tile_size_level0") or r.attrs.get("patch_size_level0")
+        stored_path = r.attrs.get("slide_path")
+        stride_l0 = stride_from_attrs(r.attrs)
+    path = resolve_slide_path(e.slide_id, e.path, stored_path, fix="", must_exist=False)
+    return p, int(n), int(d), {"tile_size_l0": int(tile_l0) if tile_l0 else None,
+                               "slide_path": path or None, "stride_l0": stride_l0}  # fmt: skip
 
 
 def bags_from_entries(
@@ -218,46 +241,17 @@ def bags_from_entries(
             raise ConfigError(f"labels {unknown} are not among the model's classes {list(classes)}")
     classes = list(classes or [])
     if is_foreign_set(feature_set):
-        bags, missing, empty, dims = _foreign_bags(entries, feature_set, classes)
+        from wsi_pipe.interop.features import open_feature_folder
+
+        folder = open_feature_folder(feature_set)
+        bags, missing, empty, dims = _gather_bags(
+            entries, classes, partial(_foreign_header, folder)
+        )
         _check_bags(missing, empty, dims, feature_set, f"{feature_set} (matched by file stem)")
         return bags, classes
-    missing, empty, bags = [], [], []
-    dims = {}
-    from wsi_pipe.store import open_store, schema
-
-    for e in entries:
-        p = layout.find_feature_store(feature_set, e.slide_id, mpp)
-        if p is None:
-            missing.append(e.slide_id)
-            continue
-        with open_store(p) as r:
-            if r.attrs.get("kind") != schema.KIND_FEATURES or schema.FEATURES not in r.names:
-                raise StoreSchemaError(f"{p} is not a feature store: re-run `wsi-pipe extract`")
-            n, d = r.shape(schema.FEATURES)
-            tile_l0 = r.attrs.get("tile_size_level0") or r.attrs.get("patch_size_level0")
-            slide_path = r.attrs.get("slide_path")
-            stride_l0 = stride_from_attrs(r.attrs)
-        if n == 0:
-            empty.append(e.slide_id)
-            continue
-        dims.setdefault(int(d), []).append(e.slide_id)
-        label = classes.index(str(e.label)) if (e.label and str(e.label) in classes) else -1
-        bags.append(
-            Bag(
-                e.slide_id,
-                label,
-                e.patient_id,
-                int(n),
-                int(d),
-                store_path=p,
-                tile_size_l0=int(tile_l0) if tile_l0 else None,
-                slide_path=resolve_slide_path(
-                    e.slide_id, e.path, slide_path, fix="", must_exist=False
-                )
-                or None,
-                stride_l0=stride_l0,
-            )
-        )
+    bags, missing, empty, dims = _gather_bags(
+        entries, classes, partial(_store_header, layout, feature_set, mpp)
+    )
     _check_bags(missing, empty, dims, feature_set, str(layout.features_dir(feature_set, mpp)))
     return bags, classes
 
