@@ -158,11 +158,6 @@ def list_encoders(family: str | None = None, tiny: bool | None = None) -> list[s
     return ENCODERS.names(family=family, tiny=tiny)
 
 
-def encoder_choices() -> str:
-    """`a | b | c` of the registered full-size encoders, for CLI help."""
-    return ENCODERS.choices()
-
-
 def is_known_encoder(name: str) -> bool:
     """A registered name, or `timm:<arch>` of an architecture this timm has (no hub names)."""
     return name in ENCODERS
